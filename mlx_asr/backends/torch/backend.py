@@ -1,0 +1,131 @@
+"""``TorchBackend``: the :class:`~mlx_asr.backends.base.Backend` on PyTorch (CPU or CUDA)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...checkpoint import Checkpoint
+from ...errors import BackendError
+from ..base import DTYPES, Backend, Step
+from .features import log_mel
+from .llm import Decoder
+from .model import TORCH_DTYPES, load_model
+from .quant import BITS, quantize_thinker
+
+
+def torch_device(device: str) -> torch.device:
+    """``cpu`` or ``cuda`` (``cuda:N``) as a torch device; :class:`BackendError` when it cannot be used."""
+    kind = device.split(":")[0]
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind != "cuda":
+        raise BackendError(f"the torch backend runs on cpu or cuda, not {device!r}")
+    if not torch.cuda.is_available():
+        raise BackendError(f"CUDA is not available to PyTorch {torch.__version__} on this machine; use --device cpu")
+    return torch.device(device)
+
+
+class TorchBackend(Backend):
+    """Qwen3-ASR on PyTorch: log-mel, windowed audio encoder + projector, Qwen3 prefill and greedy decoding.
+
+    Args:
+        checkpoint: an opened Qwen3-ASR folder.
+        dtype: compute dtype, ``float32``, ``bfloat16`` or ``float16`` (the log-mel is always float32).
+        device: ``cpu`` or ``cuda``.
+        quantize: ``8`` or ``4`` for weight-only int8/int4 LLM linears (the output head is int8 then;
+            the audio encoder is not quantized); ``None`` keeps ``dtype`` weights.
+        threads: CPU threads for PyTorch (``torch.set_num_threads``); ``None`` keeps PyTorch's default.
+
+    Shared cores: OpenMP worker threads spin while waiting, so when other busy processes share the cores,
+    decoding can get 2-4x slower. Then pass ``threads=1`` or start Python with ``OMP_WAIT_POLICY=PASSIVE``
+    (read once at start-up). Neither is the default: on idle cores both cost 25-65 % (measured, 2 cores).
+    """
+
+    name = "torch"
+
+    def __init__(
+        self, checkpoint: Checkpoint, dtype: str, device: str, quantize: int | None = None, threads: int | None = None
+    ) -> None:
+        super().__init__(checkpoint, dtype, device)
+        if dtype not in DTYPES:
+            raise BackendError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
+        if quantize is not None and quantize not in BITS:
+            raise BackendError(f"quantize must be 8 or 4, not {quantize!r}")
+        if threads is not None:
+            if threads < 1:
+                raise BackendError(f"threads must be at least 1, not {threads}")
+            torch.set_num_threads(threads)
+        self.torch_device = torch_device(device)
+        self.quantize = quantize
+        fuse = False if quantize is not None else None  # quantization fuses while it converts
+        self.model = load_model(checkpoint, TORCH_DTYPES[dtype], self.torch_device, fuse)
+        thinker = self.model.thinker
+        if quantize is not None:
+            quantize_thinker(thinker, quantize)
+        self.audio_tower = thinker.audio_tower
+        self.decoder = Decoder(thinker.model, thinker.output_head())
+
+    def log_mel(self, samples: np.ndarray) -> torch.Tensor:
+        return log_mel(samples, self.config.audio.num_mel_bins, self.torch_device)
+
+    @torch.inference_mode()
+    def encode(self, mel: Any) -> torch.Tensor:
+        return self.audio_tower(torch.as_tensor(mel, device=self.torch_device))
+
+    @torch.inference_mode()
+    def embed_prompt(self, prompt_ids: Sequence[int], audio_embeds: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings ``[L, hidden]`` with the audio rows in the ``<|audio_pad|>`` slots, in order."""
+        ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.torch_device)
+        slots = torch.nonzero(ids == self.config.audio_token_id)[:, 0]
+        if slots.shape[0] != audio_embeds.shape[0]:
+            raise ValueError(
+                f"prompt has {slots.shape[0]} audio placeholder tokens but the audio gives {audio_embeds.shape[0]}"
+            )
+        embeds = self.decoder.model.embed_tokens(ids)
+        embeds[slots] = audio_embeds.to(device=embeds.device, dtype=embeds.dtype)
+        return embeds
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        audio_embeds: Any,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        min_new_tokens: int = 0,
+    ) -> Iterator[Step]:
+        embeds = self.embed_prompt(prompt_ids, audio_embeds)
+        for steps in self.decoder.decode([embeds], max_new_tokens, stop_ids, min_new_tokens):
+            yield steps[0][1]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        audio_embeds: Sequence[Any],
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        min_new_tokens: int = 0,
+    ) -> list[list[Step]]:
+        """Left-padded batched greedy decoding: per-row positions from 0, key mask, finished rows dropped."""
+        embeds = [self.embed_prompt(p, a) for p, a in zip(prompts, audio_embeds, strict=True)]
+        results: list[list[Step]] = [[] for _ in embeds]
+        for steps in self.decoder.decode(embeds, max_new_tokens, stop_ids, min_new_tokens):
+            for row, step in steps:
+                results[row].append(step)
+        return results
+
+    def first_logits(self, prompt_ids: Sequence[int], audio_embeds: Any) -> np.ndarray:
+        return self.to_numpy(self.decoder.first_logits(self.embed_prompt(prompt_ids, audio_embeds)))
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        tensor = torch.as_tensor(x).detach()
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+        return tensor.cpu().numpy()
+
+    def synchronize(self) -> None:
+        if self.torch_device.type == "cuda":
+            torch.cuda.synchronize(self.torch_device)

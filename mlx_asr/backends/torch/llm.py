@@ -1,0 +1,362 @@
+"""The Qwen3 decoder (``thinker.model``): preallocated KV cache, prefill and greedy (batched) decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import TextConfig
+from ..base import Step
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    """Qwen3 RMSNorm: normalise in float32, cast back to the input dtype, then scale by the weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` without the random init: every weight is assigned from the checkpoint."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+def fused_linear(weights: Sequence[torch.Tensor]) -> nn.Module:
+    """One bias-free linear whose output is the concatenation of the outputs of ``weights`` ``[out_i, in]``."""
+    weight = torch.cat(list(weights))
+    layer = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    return layer
+
+
+Builder = Callable[[Sequence[torch.Tensor]], nn.Module]
+
+
+class KVCache:
+    """Preallocated keys and values ``[layers, batch, kv_heads, capacity, head_dim]``; ``length`` are filled."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys = keys
+        self.values = values
+        self.length = 0
+
+    @classmethod
+    def allocate(cls, cfg: TextConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``k``/``v`` ``[batch, kv_heads, S, head_dim]``; return the filled keys and values."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def row(self, index: int, offset: int) -> KVCache:
+        """A batch-1 cache that writes into row ``index`` of this one from position ``offset`` on (a view)."""
+        return KVCache(self.keys[:, index : index + 1, :, offset:], self.values[:, index : index + 1, :, offset:])
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (in that order)."""
+        self.keys = self.keys.index_select(1, rows)
+        self.values = self.values.index_select(1, rows)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Qwen3 GQA attention: q/k RMSNorm per head before NeoX RoPE, no biases."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.sizes = [q_dim, kv_dim, kv_dim]
+        self.q_proj = Linear(cfg.hidden_size, q_dim, bias=False)
+        self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=False)
+        self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=False)
+        self.o_proj = Linear(q_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.fused = False
+
+    def fuse(self, build: Builder = fused_linear) -> None:
+        """Replace ``q_proj``/``k_proj``/``v_proj`` by one ``qkv_proj`` made by ``build`` (one matmul per step)."""
+        self.qkv_proj = build([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        del self.q_proj, self.k_proj, self.v_proj
+        self.fused = True
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fused:
+            return self.qkv_proj(x).split(self.sizes, dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        layer: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self._qkv(x)
+        q = self.q_norm(q.view(b, s, self.heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(b, s, self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys, values = cache.update(layer, k, v)
+        return self.o_proj(self._attend(q, keys, values, mask))
+
+    def _attend(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        b, _, s, d = q.shape
+        if s == 1:  # decode: fold each kv head's query heads into its "query positions" (no GQA expansion)
+            group = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, d)
+            out = F.scaled_dot_product_attention(group, keys, values, attn_mask=mask)
+            return out.reshape(b, 1, self.heads * d)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, s, self.heads * d)
+
+
+class MLP(nn.Module):
+    """SiLU-gated feed-forward."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused = False
+
+    def fuse(self, build: Builder = fused_linear) -> None:
+        """Replace ``gate_proj``/``up_proj`` by one ``gate_up_proj`` made by ``build``."""
+        self.gate_up_proj = build([self.gate_proj.weight, self.up_proj.weight])
+        del self.gate_proj, self.up_proj
+        self.fused = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-RMSNorm Qwen3 decoder layer."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        layer: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, layer, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """``thinker.model``: token embedding, decoder layers and the final norm."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # ``_weight`` skips the random init (normal_ on the meta device would import torch._dynamo: ~1 s)
+        table = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=table)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def fuse(self, build: Builder = fused_linear) -> None:
+        """Fuse the q/k/v and gate/up projections of every layer (after loading; copies those weights)."""
+        for layer in self.layers:
+            layer.self_attn.fuse(build)
+            layer.mlp.fuse(build)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """NeoX RoPE ``cos``/``sin`` ``[batch, 1, S, head_dim]`` of positions ``[batch, S]`` (float32, then cast)."""
+        dim = self.cfg.head_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
+        inv_freq = 1.0 / (self.cfg.rope_theta**exponents)
+        freqs = positions.float()[..., None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        mask: torch.Tensor | None = None,
+        states: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Hidden states ``[batch, S, H]`` after the final norm; appends ``S`` tokens to ``cache``.
+
+        ``mask`` (True = may attend) is ``None`` for causal attention over an unpadded cache; a call with
+        several tokens (a prefill) must start on an empty cache. ``states``, if given, receives every
+        layer's output.
+        """
+        rope = self.rope(positions, x.dtype)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, rope, cache, index, mask)
+            if states is not None:
+                states.append(x)
+        cache.length += x.shape[1]
+        return self.norm(x)
+
+
+class Decoder:
+    """Prefill and greedy decoding over ``thinker.model`` and an output head.
+
+    Args:
+        model: the decoder stack.
+        head: maps final hidden states ``[..., H]`` to logits ``[..., vocab]``.
+    """
+
+    def __init__(self, model: TextModel, head: Head) -> None:
+        self.model = model
+        self.head = head
+        self.cfg = model.cfg
+        weight = model.norm.weight
+        self.dtype, self.device = weight.dtype, weight.device
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of final hidden states."""
+        return self.head(hidden).float()
+
+    def _cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache.allocate(self.cfg, batch, capacity, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def layer_outputs(self, embeds: torch.Tensor) -> list[torch.Tensor]:
+        """Prefill of ``[L, H]``: each decoder layer's output ``[L, H]``, then the final-normed states."""
+        states: list[torch.Tensor] = []
+        positions = torch.arange(embeds.shape[0], device=self.device)[None]
+        final = self.model(embeds[None].to(self.dtype), positions, self._cache(1, embeds.shape[0]), states=states)
+        return [s[0] for s in states] + [final[0]]
+
+    def _prefill(self, embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        positions = torch.arange(embeds.shape[0], device=self.device)[None]
+        hidden = self.model(embeds[None].to(self.dtype), positions, cache)
+        return self.logits(hidden[0, -1])
+
+    @torch.inference_mode()
+    def first_logits(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[vocab]`` after the prompt embeddings ``[L, H]``."""
+        return self._prefill(embeds, self._cache(1, embeds.shape[0]))
+
+    @torch.inference_mode()
+    def _start(self, prompts: Sequence[torch.Tensor], max_new_tokens: int) -> tuple[_Batch, torch.Tensor]:
+        """Prefill every prompt into its left-padded row of one batch cache; first logits ``[B, vocab]``."""
+        longest = max(p.shape[0] for p in prompts)
+        cache = self._cache(len(prompts), longest + max_new_tokens)
+        logits = []
+        for row, embeds in enumerate(prompts):
+            pad = longest - embeds.shape[0]
+            if pad:
+                cache.keys[:, row, :, :pad] = 0
+                cache.values[:, row, :, :pad] = 0
+            logits.append(self._prefill(embeds, cache.row(row, pad)))
+        cache.length = longest
+        return _Batch(cache, [p.shape[0] for p in prompts], self.device), torch.stack(logits)
+
+    @torch.inference_mode()
+    def _step(self, batch: _Batch, tokens: list[int]) -> torch.Tensor:
+        """One decoding step of every active row; float32 logits ``[B, vocab]``."""
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        mask = batch.mask()
+        hidden = self.model(self.model.embed_tokens(ids), batch.positions[:, None], batch.cache, mask)
+        batch.positions += 1
+        return self.logits(hidden[:, -1])
+
+    def decode(
+        self, prompts: Sequence[torch.Tensor], max_new_tokens: int, stop_ids: Sequence[int], min_new_tokens: int = 0
+    ) -> Iterator[list[tuple[int, Step]]]:
+        """Greedy decoding of prompt embeddings ``[L_i, H]`` together.
+
+        Yields, per step, ``(prompt index, Step)`` for every row still running; a row stops after its
+        stop token (suppressed before ``min_new_tokens``) or after ``max_new_tokens`` tokens.
+        """
+        if max_new_tokens <= 0 or not prompts:
+            return
+        stops = sorted({int(s) for s in stop_ids if 0 <= int(s) < self.cfg.vocab_size})
+        batch, logits = self._start(prompts, max_new_tokens)
+        rows = list(range(len(prompts)))
+        for n in range(max_new_tokens):
+            steps = _choose(logits, stops if n < min_new_tokens else [])
+            yield list(zip(rows, steps, strict=True))
+            keep = [i for i, step in enumerate(steps) if step.token not in stops]
+            if n + 1 == max_new_tokens or not keep:
+                return
+            if len(keep) < len(rows):
+                batch.select(keep)
+                rows = [rows[i] for i in keep]
+            logits = self._step(batch, [steps[i].token for i in keep])
+
+
+class _Batch:
+    """Decoding state of left-padded rows: the cache, each row's next position and its real keys."""
+
+    def __init__(self, cache: KVCache, lengths: list[int], device: torch.device) -> None:
+        self.cache = cache
+        longest = max(lengths)
+        self.positions = torch.tensor(lengths, device=device)
+        capacity = cache.keys.shape[3]
+        pads = torch.tensor([longest - n for n in lengths], device=device)
+        self.real = torch.arange(capacity, device=device)[None, :] >= pads[:, None]
+        self.padded = longest != min(lengths)
+
+    def mask(self) -> torch.Tensor | None:
+        """Key mask ``[B, 1, 1, length + 1]`` for the next step, ``None`` when no row is padded."""
+        if not self.padded:
+            return None
+        return self.real[:, None, None, : self.cache.length + 1]
+
+    @torch.inference_mode()
+    def select(self, keep: list[int]) -> None:
+        """Keep only the rows ``keep`` (finished rows leave the batch)."""
+        rows = torch.tensor(keep, device=self.positions.device)
+        self.cache.select(rows)
+        self.positions = self.positions[rows]
+        self.real = self.real[rows]
+
+
+@torch.inference_mode()
+def _choose(logits: torch.Tensor, suppress: list[int]) -> list[Step]:
+    """Greedy tokens (first index on ties) and their log-probabilities under the unmasked logits."""
+    masked = logits
+    if suppress:
+        masked = logits.clone()
+        masked[:, suppress] = float("-inf")
+    tokens = masked.argmax(dim=-1)
+    logprobs = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    return [Step(int(t), float(p)) for t, p in zip(tokens.tolist(), logprobs.tolist(), strict=True)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,7 @@ def _load_tensors(path: Path) -> dict[str, np.ndarray]:
     return load_file(str(path))
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_case(tag: str) -> Case:
     return Case(tag)
 

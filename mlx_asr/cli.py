@@ -161,7 +161,7 @@ def transcribe(
             if verbose:
                 typer.echo(_timings_line(source, result), err=True)
             records.append((source, result))
-        _write_transcripts(pipe, records, output_format, output)
+        _write_transcripts(pipe, records, output_format, output, several=len(sources) > 1)
         return EXIT_FAILED_ITEMS if failed else 0
 
     _run(body)
@@ -188,11 +188,11 @@ def _transcribe_one(pipe, source, language, context, max_new_tokens, min_new_tok
             bar.close()
 
 
-def _write_transcripts(pipe, records, output_format: str, output: Path | None) -> None:
+def _write_transcripts(pipe, records, output_format: str, output: Path | None, several: bool) -> None:
     if output_format == "json":
         items = [_result_json(pipe, name, r) for name, r in records]
-        text = json.dumps(items[0] if len(items) == 1 else items, ensure_ascii=False, indent=2) + "\n"
-    elif len(records) == 1:
+        text = json.dumps(items if several else items[0], ensure_ascii=False, indent=2) + "\n"
+    elif not several:
         text = records[0][1].text + "\n"
     else:
         text = "".join(f"{name}\t{r.text}\n" for name, r in records)

@@ -130,13 +130,20 @@ def test_benchmark_on_a_tiny_test_set(tmp_path):
     speaker = tmp_path / "set" / "19" / "198"
     speaker.mkdir(parents=True)
     shutil.copy(SHORT, speaker / "19-198-0000.wav")
+    (speaker / "19-198.trans.txt").write_text(f"19-198-0000 {OFFICIAL_SHORT.upper()}\n")
+    exact = cli("benchmark", "-m", TINY, "--test-set", tmp_path / "set", "--max-new-tokens", "40", "--json")
+    assert exact.returncode == 0, err(exact)
+    assert json.loads(out(exact))["wer"] == 0.0
+
     sf.write(speaker / "19-198-0001.flac", np.zeros(8000, dtype=np.float32), 16000)
     (speaker / "19-198.trans.txt").write_text(f"19-198-0000 {OFFICIAL_SHORT.upper()}\n19-198-0001 HELLO WORLD\n")
-    proc = cli("benchmark", "-m", TINY, "--test-set", tmp_path / "set", "--max-new-tokens", "40", "--json")
-    assert proc.returncode == 0, err(proc)
-    report = json.loads(out(proc))
-    assert report["utterances"] == 2 and report["failed"] == []
-    assert 0 < report["wer"] < 1.5
+    manifest = tmp_path / "set.jsonl"
+    manifest.write_text(json.dumps({"audio": str(speaker / "19-198-0000.wav"), "text": "something else"}) + "\n")
+    for test_set in (tmp_path / "set", manifest):
+        proc = cli("benchmark", "-m", TINY, "--test-set", test_set, "--max-new-tokens", "40", "--json")
+        assert proc.returncode == 0, err(proc)
+        report = json.loads(out(proc))
+        assert report["failed"] == [] and report["wer"] > 0.5
 
 
 def test_benchmark_speed_mode():

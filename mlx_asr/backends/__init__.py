@@ -11,12 +11,16 @@ from .base import DTYPES, Backend, Step
 
 BACKENDS = ("mlx", "torch")
 DEVICES = ("cpu", "metal", "cuda")
+TORCH_MISSING = "the torch backend needs PyTorch: pip install 'mlx-asr[torch]'"
 
 __all__ = ["BACKENDS", "DEVICES", "DTYPES", "Backend", "Step", "create_backend", "resolve_backend"]
 
 
 def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a module set to None (blocked) or a broken install
+        return False
 
 
 def _is_apple_silicon() -> bool:
@@ -53,6 +57,8 @@ def resolve_backend(backend: str | None, device: str | None) -> tuple[str, str]:
 def _default_device(backend: str) -> str:
     if backend == "mlx":
         return "metal" if _is_apple_silicon() else "cpu"
+    if not _installed("torch"):
+        raise BackendError(TORCH_MISSING)
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,7 +75,7 @@ def create_backend(checkpoint: Checkpoint, backend: str, device: str, dtype: str
 
         return MlxBackend(checkpoint, dtype=dtype, device=device, **options)
     if not _installed("torch"):
-        raise BackendError("the torch backend needs PyTorch: pip install 'mlx-asr[torch]'")
+        raise BackendError(TORCH_MISSING)
     from .torch import TorchBackend
 
     return TorchBackend(checkpoint, dtype=dtype, device=device, **options)

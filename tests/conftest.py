@@ -94,3 +94,67 @@ def case(request) -> Case:
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     return TINY
+
+
+# ---------------------------------------------------------------------------------------------- variant
+VARIANT = FIXTURES / "variant"
+VARIANT_AUDIO = {
+    "zh_16k.wav": "zh_16k.flac",
+    "lead_sil_48k_24bit.wav": "lead_sil_48k_24bit.flac",
+}
+LONG_VARIANT_REPEATS = 85  # long_18m.wav is zh_en_13s repeated this many times
+
+
+def build_variant_checkpoint(out: Path) -> Path:
+    """Regenerate the variant checkpoint's weights bit for bit (see fixtures/variant/README.md)."""
+    import math
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    spec = json.loads((VARIANT / "weights.json").read_text())
+    gen = torch.Generator().manual_seed(spec["seed"])
+    tensors = {}
+    for name, shape in sorted(spec["tensors"].items()):
+        noise = torch.randn(shape, generator=gen)
+        if name.endswith("embed_tokens.weight"):
+            tensors[name] = noise
+        elif len(shape) >= 2:
+            gain = 1.0
+            if name.startswith("thinker.model.") and name.endswith("o_proj.weight"):
+                gain = 0.5
+            if name.startswith("thinker.model.") and name.endswith("down_proj.weight"):
+                gain = 2.0
+            tensors[name] = noise * (gain / math.sqrt(math.prod(shape[1:])))
+        elif name == "thinker.model.norm.weight":
+            tensors[name] = 2.0 * noise
+        elif "norm" in name and name.endswith("weight"):
+            tensors[name] = 1.0 + 0.1 * noise
+        else:
+            tensors[name] = 0.05 * noise
+    if spec["lm_head_copies_embed_tokens"]:
+        tensors["thinker.lm_head.weight"] = tensors["thinker.model.embed_tokens.weight"].clone()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(VARIANT / "config.json", out / "config.json")
+    for item in TINY.iterdir():
+        if item.suffix in (".json", ".txt") and item.name != "config.json":
+            shutil.copy(item, out / item.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def variant_model(tmp_path_factory) -> Path:
+    return build_variant_checkpoint(tmp_path_factory.mktemp("variant") / "model")
+
+
+def variant_audio(meta: dict):
+    """The audio a variant reference was made from: a path, or (samples, rate) for the long one."""
+    name = meta["audio"]
+    if name == "long_18m.wav":
+        import soundfile as sf
+
+        samples, rate = sf.read(VARIANT / "audio" / "zh_en_13s.flac", dtype="float32")
+        return np.tile(samples, LONG_VARIANT_REPEATS), rate
+    return VARIANT / "audio" / VARIANT_AUDIO.get(name, name)

@@ -409,3 +409,10 @@ def test_cuda_matches_reference(quantize: int | None) -> None:
         assert ids == case.generated_ids
     else:
         assert _cosine(logits, case.tensors["logits_step0"]) >= 0.999
+
+
+def test_shared_hann_window_equals_torch() -> None:
+    """``mlx_asr.mel.hann_window`` (used by the MLX backend) is bit-equal to the window the reference uses."""
+    from mlx_asr.mel import hann_window
+
+    assert np.array_equal(hann_window(), torch.hann_window(400, periodic=True, dtype=torch.float32).numpy())

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
-from conftest import VARIANT, variant_audio
+from conftest import LONG_VARIANT_REPEATS, VARIANT, variant_audio
 
 from mlx_asr import AsrPipeline
 
@@ -43,3 +44,16 @@ def test_tokens_and_text_equal_official(pipe, tag):
     assert result.tokens == (ids[:-1] if ids[-1] in STOP else ids)
     assert result.text == m["parsed_text"]
     assert result.language == m["parsed_language"]
+
+
+@pytest.mark.parametrize("language", ["auto", "Chinese"])
+def test_audio_over_the_limit_is_split_and_merged_as_official(variant_model, language):
+    """The official transcribe() on 21 minutes: two pieces cut at the quietest point, texts joined."""
+    ref = json.loads((VARIANT / "transcribe_api" / "long_21m.json").read_text(encoding="utf-8"))
+    samples, rate = variant_audio({"audio": "long_18m.wav"})
+    samples = np.concatenate([samples, samples[: len(samples) // LONG_VARIANT_REPEATS * 11]])
+    pipe = AsrPipeline.from_pretrained(variant_model, backend="torch", device="cpu", dtype="float32")
+    result = pipe.transcribe_detailed(samples, sample_rate=rate, language=language, max_new_tokens=40)
+    expected = ref["results"][language]
+    assert result.pieces == 2
+    assert result.text == expected["text"] and result.language == expected["language"]

@@ -59,6 +59,9 @@ def _default_device(backend: str) -> str:
         return "metal" if _is_apple_silicon() else "cpu"
     if not _installed("torch"):
         raise BackendError(TORCH_MISSING)
+    from .torch.openmp import configure_openmp
+
+    configure_openmp()  # must run before PyTorch loads
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

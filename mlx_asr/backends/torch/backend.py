@@ -14,7 +14,7 @@ from ..base import DTYPES, Backend, Step
 from .features import log_mel
 from .llm import Decoder
 from .model import TORCH_DTYPES, load_model
-from .quant import BITS, quantize_thinker
+from .quant import BITS
 
 
 def torch_device(device: str) -> torch.device:
@@ -61,11 +61,9 @@ class TorchBackend(Backend):
             torch.set_num_threads(threads)
         self.torch_device = torch_device(device)
         self.quantize = quantize
-        fuse = False if quantize is not None else None  # quantization fuses while it converts
-        self.model = load_model(checkpoint, TORCH_DTYPES[dtype], self.torch_device, fuse)
+        # quantized: the LLM is read and quantized layer by layer (fused q/k/v and gate/up) as it loads
+        self.model = load_model(checkpoint, TORCH_DTYPES[dtype], self.torch_device, quantize=quantize)
         thinker = self.model.thinker
-        if quantize is not None:
-            quantize_thinker(thinker, quantize)
         self.audio_tower = thinker.audio_tower
         self.decoder = Decoder(thinker.model, thinker.output_head())
 

@@ -12,8 +12,8 @@ from ...config import AudioEncoderConfig, encoder_windows, num_audio_tokens
 from .llm import Linear
 
 # 100-frame chunks per conv call. On CPU small batches are as fast (cache-friendly) and bound the memory
-# (8 chunks: 25 MB per bf16 activation at 480 channels); GPUs want the official conv_chunksize.
-CONV_BATCH = {"cpu": 8, "cuda": 500}
+# (4 chunks: 12 MB per bf16 activation at 480 channels); GPUs want the official conv_chunksize.
+CONV_BATCH = {"cpu": 4, "cuda": 500}
 FP16_CLAMP = 65504.0 - 1000.0  # the official encoder clamps float16 activations to this range
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -11,7 +14,7 @@ from ...checkpoint import Checkpoint
 from ...errors import ModelError
 from .encoder import AudioTower
 from .llm import Head, Linear, TextModel
-from .quant import QuantEmbedding
+from .quant import QuantEmbedding, check_bits, quantize_head, quantize_layer
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,29 +64,128 @@ def _read_tensors(
     return tensors, copied
 
 
-def load_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, fuse: bool | None = None) -> Qwen3ASR:
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    The quantizing load frees hundreds of MB of transient bf16 buffers; glibc keeps most of them mapped
+    (its mmap threshold grows with freed large blocks), which would count in the resident size for good.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        pass
+
+
+class _TensorReader:
+    """Reads single tensors with ``pread`` instead of a memory map, so their memory goes when they do."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.path = checkpoint.path
+        files = checkpoint.files
+        self.handles = [safe_open(str(path), framework="pt", device="cpu", backend="pread") for path in files]
+        self.where = {name: handle for handle in self.handles for name in handle.keys()}  # noqa: SIM118
+
+    def read(self, name: str, like: torch.Tensor, device: torch.device) -> nn.Parameter:
+        """Tensor ``name`` as a frozen parameter of ``like``'s shape and dtype on ``device``."""
+        tensor = self.where[name].get_tensor(name)
+        if tuple(tensor.shape) != tuple(like.shape):
+            raise ModelError(
+                f"{self.path}: weights do not fit the config ({name}: shape {list(tensor.shape)} in the checkpoint, "
+                f"{list(like.shape)} expected)"
+            )
+        return nn.Parameter(tensor.to(device=device, dtype=like.dtype), requires_grad=False)
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.__exit__(None, None, None)
+
+
+LAYER_LINEARS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)  # fmt: skip
+
+
+def _quantized_names(thinker: Thinker) -> tuple[list[list[str]], str]:
+    """Per decoder layer, the checkpoint names of its linear weights; and the name of the output matrix."""
+    layers = [
+        [f"thinker.model.layers.{j}.{linear}.weight" for linear in LAYER_LINEARS]
+        for j in range(len(thinker.model.layers))
+    ]
+    head = "thinker.model.embed_tokens.weight" if thinker.lm_head is None else "thinker.lm_head.weight"
+    return layers, head
+
+
+def _load_quantized(model: Qwen3ASR, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, bits: int):
+    """Read the LLM's linear weights and output matrix one layer at a time and quantize them as they come.
+
+    Each bf16 layer is read with ``pread`` (not memory-mapped), quantized, then dropped, so the peak memory
+    is the quantized model plus one layer (or the embedding table), not the whole bf16 LLM.
+    """
+    thinker = model.thinker
+    layers, head = _quantized_names(thinker)
+    reader = _TensorReader(checkpoint)
+    try:
+        missing = [n for n in [head, *(n for names in layers for n in names)] if n not in reader.where]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ModelError(f"{checkpoint.path}: weights lack {', '.join(missing[:3])}{more}")
+        owner = thinker.lm_head if thinker.lm_head is not None else thinker.model.embed_tokens
+        owner.weight = reader.read(head, owner.weight.to(dtype=dtype), device)  # the largest first
+        del owner  # quantize_head replaces the module: its bf16 matrix must not outlive it
+        quantize_head(thinker)
+        for layer, names in zip(thinker.model.layers, layers, strict=True):
+            for linear, name in zip(LAYER_LINEARS, names, strict=True):
+                module = layer.get_submodule(linear)
+                module.weight = reader.read(name, module.weight.to(dtype=dtype), device)
+            quantize_layer(layer, bits)
+    finally:
+        reader.close()
+
+
+def load_model(
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    fuse: bool | None = None,
+    quantize: int | None = None,
+) -> Qwen3ASR:
     """Build the module tree without initialising it and assign the checkpoint's tensors (memory-mapped).
 
     ``fuse``: concatenate the LLM's q/k/v and gate/up weights (~6 % faster decoding, but a copy of
     those weights at load); ``None`` fuses only when the weights were copied anyway (dtype or device
     change), so a checkpoint already in ``dtype`` on the CPU loads without copying anything.
+    ``quantize`` (8 or 4): the LLM's linears (fused) and the output matrix are read layer by layer and
+    quantized as they come (see :mod:`.quant`); ``fuse`` is then ignored.
     A stored ``thinker.lm_head.weight`` is ignored when the embeddings are tied (``embed_tokens`` is the
     output matrix, as in vLLM). Raises :class:`ModelError` when tensors are missing or misshapen.
     """
+    if quantize is not None:
+        check_bits(quantize, device)
     with torch.device("meta"):
         model = Qwen3ASR(checkpoint)
     wanted = set(model.state_dict())
-    tensors, copied = _read_tensors(checkpoint, wanted, dtype, device)
-    missing = sorted(wanted - tensors.keys())
+    deferred: set[str] = set()
+    if quantize is not None:
+        layers, head = _quantized_names(model.thinker)
+        deferred = {head, *(n for names in layers for n in names)}
+    tensors, copied = _read_tensors(checkpoint, wanted - deferred, dtype, device)
+    missing = sorted(wanted - deferred - tensors.keys())
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ModelError(f"{checkpoint.path}: weights lack {', '.join(missing[:3])}{more}")
     try:
-        model.load_state_dict(tensors, strict=True, assign=True)
+        model.load_state_dict(tensors, strict=not deferred, assign=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
         raise ModelError(f"{checkpoint.path}: weights do not fit the config ({first})") from exc
+    del tensors
+    if quantize is not None:
+        _load_quantized(model, checkpoint, dtype, device, quantize)
+        release_free_memory()
     model.requires_grad_(False)
-    if copied if fuse is None else fuse:
+    if quantize is None and (copied if fuse is None else fuse):
         model.thinker.model.fuse()
     return model

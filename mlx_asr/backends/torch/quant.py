@@ -26,18 +26,27 @@ from ...errors import BackendError
 BITS = (8, 4)
 DEQUANT_ROWS = 32  # from this many input rows on, int8 dequantize + bf16 matmul beats the int8 kernel
 GROUP_SIZES = (32,)  # int4 group width (input channels per scale/zero); 32 measured more accurate than 64/128
-ROW_BLOCK = 8192  # rows quantized at once (bounds the float32 temporary)
+ROW_BLOCK = 4096  # rows quantized at once (bounds the float32 temporary)
 COMPUTE = torch.bfloat16
 
 
 def _int8_rows(weights: Sequence[torch.Tensor], scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 codes of the stacked weights and their scales (rounded to ``scale_dtype`` first)."""
-    codes, scales = [], []
+    """Symmetric per-row int8 codes of the stacked weights and their scales (rounded to ``scale_dtype`` first).
+
+    Written block by block into preallocated outputs: the only temporaries are one block's float32 values.
+    """
+    first = weights[0]
+    codes = torch.empty(sum(w.shape[0] for w in weights), first.shape[1], dtype=torch.int8, device=first.device)
+    scales = torch.empty(codes.shape[0], dtype=scale_dtype, device=first.device)
+    start = 0
     for block in (b for w in weights for b in w.split(ROW_BLOCK)):
-        scale = (block.abs().amax(dim=1).float() / 127.0).clamp(min=1e-12).to(scale_dtype)
-        codes.append((block / scale.float()[:, None]).round_().clamp_(-128, 127).to(torch.int8))
-        scales.append(scale)
-    return torch.cat(codes), torch.cat(scales)
+        end = start + block.shape[0]
+        low, high = torch.aminmax(block, dim=1)  # max |w| without an abs() copy of the block
+        scale = (torch.maximum(high.float(), -low.float()) / 127.0).clamp(min=1e-12).to(scale_dtype)
+        codes[start:end] = (block / scale.float()[:, None]).round_().clamp_(-128, 127)
+        scales[start:end] = scale
+        start = end
+    return codes, scales
 
 
 class Int8Linear(nn.Module):
@@ -121,25 +130,42 @@ def quantized_linear(weights: Sequence[torch.Tensor], bits: int) -> nn.Module:
     return Int8Linear(weights)
 
 
+def check_bits(bits: int, device: torch.device) -> None:
+    if bits not in BITS:
+        raise BackendError(f"quantize must be 8 or 4 (bits), not {bits!r}")
+    if bits == 4 and device.type != "cpu":
+        raise BackendError("int4 quantization uses PyTorch's CPU kernels; use quantize=8 on CUDA")
+
+
+def quantize_layer(layer: nn.Module, bits: int) -> None:
+    """Quantize one (unfused) decoder layer in place: fused q/k/v and gate/up, o_proj and down_proj."""
+
+    def build(weights: Sequence[torch.Tensor]) -> nn.Module:
+        return quantized_linear(weights, bits)
+
+    layer.self_attn.fuse(build)
+    layer.mlp.fuse(build)
+    layer.self_attn.o_proj = build([layer.self_attn.o_proj.weight])
+    layer.mlp.down_proj = build([layer.mlp.down_proj.weight])
+
+
+def quantize_head(thinker: nn.Module) -> None:
+    """The output head to int8: ``lm_head`` when untied, else the tied embedding (one int8 matrix for both)."""
+    if thinker.lm_head is not None:
+        thinker.lm_head = Int8Linear([thinker.lm_head.weight])
+    else:
+        thinker.model.embed_tokens = QuantEmbedding(thinker.model.embed_tokens.weight)
+
+
 def quantize_thinker(thinker: nn.Module, bits: int) -> None:
     """Quantize the (unfused) LLM in place: transformer linears to ``bits`` (q/k/v and gate/up fused), head int8.
 
     The audio tower, norms and (untied) input embedding stay in the model dtype. With tied embeddings
     the single int8 matrix serves both the embedding lookup and the output head.
+    (:func:`~mlx_asr.backends.torch.model.load_model` with ``quantize`` does the same while it reads
+    the checkpoint, one layer at a time, which keeps the peak memory low.)
     """
-    if bits not in BITS:
-        raise BackendError(f"quantize must be 8 or 4 (bits), not {bits!r}")
-    if bits == 4 and thinker.model.norm.weight.device.type != "cpu":
-        raise BackendError("int4 quantization uses PyTorch's CPU kernels; use quantize=8 on CUDA")
-
-    def build(weights: Sequence[torch.Tensor]) -> nn.Module:
-        return quantized_linear(weights, bits)
-
-    thinker.model.fuse(build)
+    check_bits(bits, thinker.model.norm.weight.device)
     for layer in thinker.model.layers:
-        layer.self_attn.o_proj = build([layer.self_attn.o_proj.weight])
-        layer.mlp.down_proj = build([layer.mlp.down_proj.weight])
-    if thinker.lm_head is not None:
-        thinker.lm_head = Int8Linear([thinker.lm_head.weight])
-    else:
-        thinker.model.embed_tokens = QuantEmbedding(thinker.model.embed_tokens.weight)
+        quantize_layer(layer, bits)
+    quantize_head(thinker)

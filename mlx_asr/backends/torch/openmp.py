@@ -1,0 +1,37 @@
+"""How PyTorch's OpenMP worker threads wait for work; set before PyTorch is imported (this module imports no torch).
+
+PyTorch's CPU wheels run their thread pool on GNU OpenMP (libgomp). By default an idle libgomp worker spins
+for ~300 000 iterations (milliseconds) before it sleeps. On idle cores that saves a wake-up per parallel
+region; but when other processes share the cores, the spinning workers take CPU from our own main thread
+and from the other processes, and every parallel region then waits for a descheduled worker. Measured on
+2 shared cores (0.6B, int8): decoding went from ~26 ms/token on idle cores to 200-1500 ms/token while other
+jobs ran, against 75-100 ms/token with short spinning; quantizing at load time was 5x slower.
+
+So, unless the user chose a policy (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` in the environment), the torch
+backend sets ``GOMP_SPINCOUNT`` to :data:`SPIN_COUNT` before PyTorch loads. It only works if PyTorch was not
+imported yet (libgomp reads its settings once, when it is loaded); the CLI and ``AsrPipeline`` import this
+module first. ``MLX_ASR_OMP_SPIN=default`` keeps libgomp's own default; ``MLX_ASR_OMP_SPIN=N`` sets N.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+SPIN_COUNT = 1000  # iterations a worker spins before it sleeps (libgomp's default: 300000)
+USER_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def configure_openmp() -> str | None:
+    """Set ``GOMP_SPINCOUNT`` for PyTorch's OpenMP pool if it is still possible and the user set nothing.
+
+    Returns the value set, or ``None`` when nothing was changed.
+    """
+    if "torch" in sys.modules or any(os.environ.get(key) for key in USER_KEYS):
+        return None
+    choice = os.environ.get("MLX_ASR_OMP_SPIN", "").strip().lower()
+    if choice == "default":
+        return None
+    value = choice if choice.isdigit() else str(SPIN_COUNT)
+    os.environ["GOMP_SPINCOUNT"] = value
+    return value

@@ -36,6 +36,13 @@ class Checkpoint:
     def is_quantized(self) -> bool:
         return self.config.quantization is not None
 
+    @property
+    def format(self) -> str:
+        """``"mlx"`` for a folder written by ``mlx-asr convert`` (config.json has an ``mlx_asr`` block),
+        else ``"official"``. Both use the official tensor names; only MLX can load quantized ones."""
+        info = self.config.raw.get("mlx_asr")
+        return "mlx" if isinstance(info, dict) and info.get("format") == "mlx" else "official"
+
 
 def _header_names(path: Path) -> set[str]:
     """Tensor names of one safetensors file, read from its header only (fast, validates the file)."""
@@ -105,6 +112,12 @@ def open_checkpoint(model_dir: str | Path) -> Checkpoint:
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ModelError(f"{model_dir}: weights lack {', '.join(missing[:3])}{more}")
+    if config.quantization is not None:
+        from .quantize import validate_block
+
+        validate_block(config.quantization, f"{model_dir}/config.json")
+        if not any(n.endswith(".scales") for n in names):
+            raise ModelError(f"{model_dir}: config.json has a quantization block but the weights hold no scales")
     proj = {int(m.group(1)) for n in names if (m := re.fullmatch(r"thinker\.audio_tower\.proj(\d+)\.weight", n))}
     if not proj or proj != set(range(1, max(proj) + 1)):
         raise ModelError(f"{model_dir}: audio projector weights proj1..projN missing or not contiguous")

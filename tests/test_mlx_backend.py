@@ -237,7 +237,9 @@ def test_unknown_dtype_device_and_options_are_rejected() -> None:
     with pytest.raises(BackendError, match="device"):
         MlxBackend(checkpoint, "float32", "tpu")
     with pytest.raises(BackendError, match="quantize"):
-        MlxBackend(checkpoint, "float32", "cpu", quantize=8)
+        MlxBackend(checkpoint, "float32", "cpu", quantize=3)
+    with pytest.raises(BackendError, match="threads"):
+        MlxBackend(checkpoint, "float32", "cpu", threads=2)
 
 
 @pytest.mark.skipif(mx.metal.is_available(), reason="Metal is available here")

@@ -115,7 +115,7 @@ class AudioTower(nn.Module):
 
     def stem(self, mel: mx.array) -> mx.array:
         """Conv-stem output ``[N_a, d_model]`` (the input of encoder layer 0) of a ``[n_mels, T]`` mel."""
-        chunks = self._chunks(mel.astype(self.conv_out.weight.dtype))
+        chunks = self._chunks(mel.astype(self.conv2d1.weight.dtype))
         h = mx.concatenate([self._conv(chunks[i : i + CONV_BATCH]) for i in range(0, len(chunks), CONV_BATCH)])
         pos = mx.array(sinusoids(h.shape[1], self.cfg.d_model)).astype(h.dtype)
         h = h + pos

@@ -1,4 +1,4 @@
-"""The ``mlx-asr`` command line: transcribe, batch, benchmark, info."""
+"""The ``mlx-asr`` command line: transcribe, listen, batch, benchmark, info, convert."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (def
 LanguageOpt = typer.Option("auto", "--language", "-l", help="auto, a language name (English) or code (en).")
 ContextOpt = typer.Option("", "--context", help="Background text (names, terms) to help recognition.")
 MaxTokensOpt = typer.Option(512, "--max-new-tokens", min=1, help="Most tokens to generate per piece.")
-QuantizeOpt = typer.Option(None, "--quantize", help="torch backend: int8 (8) or int4 (4) weights for the LLM.")
+QuantizeOpt = typer.Option(None, "--quantize", help="Quantize at load: 8 or 4 (LLM bits; mlx: encoder/embeddings 8).")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch backend: CPU threads.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Per-stage timings on stderr.")
@@ -120,6 +120,8 @@ def transcribe(
     threads: int = ThreadsOpt,
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
+    stream: bool = typer.Option(False, "--stream", help="Print partial results as a stream produces them."),
+    stream_mode: str = typer.Option("cached", "--stream-mode", help="With --stream: cached or exact (official)."),
 ) -> None:
     """Transcribe audio files and print the text.
 
@@ -144,6 +146,10 @@ def transcribe(
         from .textnorm import normalize_text
 
         resolve_language(language)
+        if stream:
+            options = _stream_options(stream_mode, 2.0, 2, 5, min(max_new_tokens, 32), None)
+            pipe = _load_pipeline(model, backend, device, dtype, quantize, threads)
+            return _stream_files(pipe, sources, language, context, options, output_format, output, verbose)
         pipe = _load_pipeline(model, backend, device, dtype, quantize, threads)
         records, failed = [], 0
         for source in sources:
@@ -204,6 +210,290 @@ def _write_transcripts(pipe, records, output_format: str, output: Path | None, s
         output.write_text(text, encoding="utf-8")
     except OSError as exc:
         raise _fail(f"{output}: cannot write ({exc.strerror})", 1) from None
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+def _cells(text: str) -> int:
+    """Terminal columns of ``text`` (East Asian wide characters take two, combining marks none)."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+class _StreamPrinter:
+    """Shows stream updates: ``live`` rewrites the unfixed tail in place (a terminal), ``lines`` appends each
+    newly fixed piece as a line, ``jsonl`` writes every update as a JSON object."""
+
+    def __init__(self, out, style: str) -> None:
+        self.out = out
+        self.style = style
+        self.printed = ""  # fixed text already written
+        self.column = 0  # terminal cells written on the current line before the unfixed tail (live)
+        self.tail = 0  # cells of the unfixed tail on screen (live)
+
+    def show(self, update, name: str | None = None) -> None:
+        if self.style == "jsonl":
+            row = {"language": update.language, "text": update.text, "fixed": update.fixed,
+                   "unfixed": update.unfixed, "final": update.final, "chunk": update.chunk,
+                   "audio_seconds": round(update.audio_seconds, 3), "seconds": round(update.seconds, 4)}
+            self.out.write(json.dumps({"file": name, **row} if name else row, ensure_ascii=False) + "\n")
+        elif self.style == "lines":
+            piece = update.fixed[len(self.printed):]
+            following = update.text[len(update.fixed) : len(update.fixed) + 1]
+            if not update.final and piece and not piece[-1].isspace() and following and not following.isspace():
+                space = max(piece.rfind(" "), piece.rfind("\n"))  # a word is cut: print up to the last space
+                if space >= 0 or " " in update.fixed:
+                    piece = piece[: space + 1]
+            if piece.strip():
+                self.out.write(piece.strip() + "\n")
+            self.printed += piece
+        else:
+            self._live(update)
+        self.out.flush()
+
+    def _live(self, update) -> None:
+        import shutil
+
+        width = max(shutil.get_terminal_size().columns, 2)
+        if self.tail:  # back to where the tail started, then clear to the end of the screen
+            up = (self.column + self.tail - 1) // width - self.column // width
+            right = self.column % width
+            self.out.write((f"\x1b[{up}A" if up else "") + "\r" + (f"\x1b[{right}C" if right else ""))
+        self.out.write("\x1b[J")
+        fixed = update.fixed[len(self.printed):].replace("\n", " ")
+        tail = update.unfixed.replace("\n", " ")
+        self.out.write(fixed + (f"\x1b[2m{tail}\x1b[0m" if tail else ""))
+        self.printed = update.fixed
+        self.column += _cells(fixed)
+        self.tail = _cells(tail)
+
+    def close(self, update, name: str | None = None) -> None:
+        """Show the final update and end the output."""
+        self.show(update, name)
+        if self.style == "live":
+            self.out.write("\n")
+            self.out.flush()
+        self.printed, self.column, self.tail = "", 0, 0
+
+
+def _printer_style(output_format: str, out) -> str:
+    if output_format in ("json", "jsonl"):
+        return "jsonl"
+    tty = hasattr(out, "isatty") and out.isatty() and os.environ.get("TERM", "") != "dumb"
+    return "live" if tty else "lines"
+
+
+def _stream_options(mode: str, chunk: float, unfixed: int, rollback: int, max_new: int, context_seconds) -> dict:
+    if mode not in ("cached", "exact"):
+        raise _fail(f"unknown stream mode {mode!r}; choose cached or exact", EXIT_USAGE)
+    options = dict(mode=mode, chunk_seconds=chunk, unfixed_chunks=unfixed, rollback_tokens=rollback,
+                   max_new_tokens=max_new)
+    if context_seconds is not None:
+        options["context_seconds"] = context_seconds if context_seconds > 0 else None
+    return options
+
+
+def _timing_note(update) -> str:
+    t = update.timings
+    return (f"update {update.chunk}: {update.audio_seconds:.1f} s audio, {update.seconds:.3f} s "
+            f"(encoder {t.encoder:.3f}, prefill {t.prefill:.3f} for {update.prefill_tokens} tokens, "
+            f"decode {t.decode:.3f} for {update.new_tokens} tokens)")
+
+
+def _stream_files(pipe, sources, language, context, options, output_format, output, verbose) -> int:
+    """``transcribe --stream``: feed each file to a stream as fast as it decodes, showing every update."""
+    from .audio import load_audio
+
+    handle = output.open("w", encoding="utf-8") if output is not None else sys.stdout
+    try:
+        printer = _StreamPrinter(handle, _printer_style(output_format, handle))
+        for source in sources:
+            samples = load_audio(_read_audio_arg(source))
+            if len(sources) > 1 and printer.style != "jsonl":
+                handle.write(f"== {source}\n")
+            session = pipe.stream(language=language, context=context, **options)
+            name = source if printer.style == "jsonl" else None
+            for update in session.iter_feed(samples):
+                printer.show(update, name)
+                if verbose:
+                    typer.echo(_timing_note(update), err=True)
+            printer.close(session.finish(), name)
+    finally:
+        if output is not None:
+            handle.close()
+    return 0
+
+
+class _Stop:
+    """Ctrl-C asks the listen loop to finish (the update in progress completes); a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> _Stop:
+        import signal
+
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _file_blocks(path: Path, speed: float, stop: _Stop, block_seconds: float = 0.1):
+    """Blocks of a file at its own sample rate and channels, paced ``speed`` x real time (0: no pacing)."""
+    import time
+
+    import soundfile as sf
+
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception:  # formats libsndfile lacks: decode (and resample) like transcribe does
+        from .audio import load_audio
+
+        data, rate = load_audio(str(path))[:, None], 16000
+    step = max(1, int(rate * block_seconds))
+    start = time.monotonic()
+    for i in range(0, data.shape[0], step):
+        if stop.requested:
+            return
+        if speed > 0:
+            due = start + i / rate / speed
+            while not stop.requested and time.monotonic() < due:
+                time.sleep(min(0.05, due - time.monotonic()))
+        yield data[i : i + step], rate
+
+
+class _Microphone:
+    """A sounddevice input at the device's default rate; constructing it checks sounddevice and the device."""
+
+    def __init__(self, device: str | None) -> None:
+        try:
+            import sounddevice as sd
+        except ImportError:
+            raise AudioError("listening to a microphone needs sounddevice: pip install 'mlx-asr[mic]' "
+                             "(or simulate one with --input FILE --realtime)") from None
+        except OSError as exc:
+            raise AudioError(f"sounddevice cannot load the PortAudio library ({exc}); install PortAudio "
+                             "(apt install libportaudio2, brew install portaudio) or use --input FILE") from None
+        self.sd = sd
+        self.device = int(device) if device is not None and device.isdigit() else device
+        try:
+            self.info = sd.query_devices(self.device, "input")
+        except Exception as exc:
+            where = f" {device!r}" if device else ""
+            raise AudioError(f"no microphone{where} ({exc}); list the devices with python -m sounddevice, "
+                             "or use --input FILE") from None
+        self.rate = int(self.info["default_samplerate"])
+
+    def blocks(self, stop: _Stop, block_seconds: float = 0.1):
+        import queue
+
+        blocks: queue.Queue = queue.Queue()
+
+        def callback(indata, frames, time_info, status) -> None:
+            blocks.put(indata.copy())
+
+        try:
+            stream = self.sd.InputStream(device=self.device, channels=1, samplerate=self.rate, dtype="float32",
+                                         blocksize=max(1, int(self.rate * block_seconds)), callback=callback)
+        except Exception as exc:
+            raise AudioError(f"cannot open the microphone ({exc})") from None
+        with stream:
+            typer.echo(f"listening on {self.info['name']} at {self.rate} Hz; Ctrl-C to finish", err=True)
+            while not stop.requested:
+                try:
+                    yield blocks.get(timeout=0.1), self.rate
+                except queue.Empty:
+                    continue
+        while not blocks.empty():  # what arrived before the stream closed
+            yield blocks.get_nowait(), self.rate
+
+
+@app.command()
+def listen(
+    model: str = ModelOpt,
+    input_file: Path = typer.Option(None, "--input", "-i", help="Simulate the microphone with this audio file."),
+    realtime: bool = typer.Option(False, "--realtime", help="With --input: feed the file at real-time pace."),
+    speed: float = typer.Option(None, "--speed", min=0.0, help="With --input: pace at this many x real time."),
+    mic: str = typer.Option(None, "--mic", help="Microphone (sounddevice name or index; default: the system's)."),
+    backend: str = BackendOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    language: str = LanguageOpt,
+    context: str = ContextOpt,
+    chunk_seconds: float = typer.Option(2.0, "--chunk-seconds", min=0.1, help="Audio per update."),
+    mode: str = typer.Option("cached", "--mode", help="cached (bounded cost, runs forever) or exact (official)."),
+    context_seconds: float = typer.Option(None, "--context-seconds", help="Audio the model sees (0: all)."),
+    unfixed_chunks: int = typer.Option(2, "--unfixed-chunks", min=0, help="Chunks whose text stays unfixed."),
+    rollback_tokens: int = typer.Option(5, "--rollback-tokens", min=0, help="Tokens re-decoded each update."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Most tokens decoded per update."),
+    output_format: str = typer.Option("txt", "--format", "-f", help="txt or jsonl (every update)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Also write the final transcript to this file."),
+    quantize: int = QuantizeOpt,
+    threads: int = ThreadsOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Transcribe the microphone live; the text is printed as it stabilises.
+
+    On a terminal the unfixed end is rewritten in place (dimmed); otherwise each newly fixed piece is
+    printed as a line. Ctrl-C finishes: the last audio is decoded and the final transcript printed.
+    Needs sounddevice (the "mic" extra of mlx-asr) unless --input is given.
+
+    Examples:
+
+      mlx-asr listen -m ./Qwen3-ASR-0.6B --language en
+
+      mlx-asr listen -m ./model --input talk.wav --realtime --format jsonl
+    """
+
+    def body() -> int:
+        if output_format not in ("txt", "jsonl"):
+            raise _fail(f"unknown --format {output_format!r}; choose txt or jsonl", EXIT_USAGE)
+        if input_file is None and (realtime or speed is not None):
+            raise _fail("--realtime and --speed simulate a microphone with --input FILE", EXIT_USAGE)
+        if input_file is not None and not input_file.is_file():
+            raise AudioError(f"{input_file}: file not found")
+        from .languages import resolve_language
+
+        resolve_language(language)
+        options = _stream_options(mode, chunk_seconds, unfixed_chunks, rollback_tokens, max_new_tokens,
+                                  context_seconds)
+        microphone = _Microphone(mic) if input_file is None else None  # fails early, before the model loads
+        pipe = _load_pipeline(model, backend, device, dtype, quantize, threads)
+        session = pipe.stream(language=language, context=context, **options)
+        printer = _StreamPrinter(sys.stdout, _printer_style(output_format, sys.stdout))
+        with _Stop() as stop:
+            if microphone is not None:
+                blocks = microphone.blocks(stop)
+            else:
+                blocks = _file_blocks(input_file, speed if speed is not None else (1.0 if realtime else 0.0), stop)
+            for samples, rate in blocks:
+                for update in session.iter_feed(samples, rate):
+                    printer.show(update)
+                    if verbose:
+                        typer.echo(_timing_note(update), err=True)
+                if stop.requested:
+                    break
+            final = session.finish()
+        printer.close(final)
+        if verbose:
+            s = session.stats
+            typer.echo(f"{s.updates} updates, {final.audio_seconds:.1f} s audio, {s.dropped_seconds:.0f} s dropped "
+                       f"from the context", err=True)
+        if output is not None:
+            output.write_text(final.text + "\n", encoding="utf-8")
+        return 0
+
+    _run(body)
+
 
 
 # ---------------------------------------------------------------------------------------------- batch
@@ -390,6 +680,45 @@ def info(model: str = ModelOpt, as_json: bool = typer.Option(False, "--json", he
 
         desc = describe(_resolve_model_path(model))
         typer.echo(json.dumps(desc, indent=2) if as_json else format_description(desc))
+        return 0
+
+    _run(body)
+
+
+# ---------------------------------------------------------------------------------------------- convert
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="Official Qwen3-ASR folder or Hugging Face repo id.", show_default=False),
+    output: Path = typer.Option(..., "--output", "-o", help="MLX model folder to write."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="float16, bfloat16 or float32 weights (and scales)."),
+    quantize: int = typer.Option(None, "--quantize", help="4 or 8: bits of the LLM linear layers (default: none)."),
+    group_size: int = typer.Option(64, "--group-size", help="Quantization group size: 32, 64 or 128."),
+    audio_bits: str = typer.Option("8", "--audio-bits", help="Audio encoder linears when quantizing: 8, 4 or none."),
+    embed_bits: str = typer.Option("8", "--embed-bits", help="Token embedding (= tied output head): 8, 4 or none."),
+    head_bits: str = typer.Option("same", "--head-bits", help="Untied lm_head: 8, 4, none or same (as embeddings)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Convert an official Qwen3-ASR folder into an MLX folder, optionally 4/8-bit quantized.
+
+    The policy and sizes are printed; config.json and README.md in the output record them.
+
+    Examples:
+
+      mlx-asr convert ./Qwen3-ASR-1.7B -o ./Qwen3-ASR-1.7B-mlx-4bit --quantize 4
+
+      mlx-asr convert Qwen/Qwen3-ASR-0.6B -o ./Qwen3-ASR-0.6B-mlx --dtype float16
+    """
+
+    def body() -> int:
+        from .convert import convert as run_convert
+        from .quantize import QuantPolicy
+
+        policy = None
+        if quantize is not None:
+            policy = QuantPolicy.create(quantize, group_size, audio_bits, embed_bits, head_bits)
+        result = run_convert(source, output, dtype=dtype, policy=policy, force=force, progress=_show_progress(quiet))
+        typer.echo("\n".join(result.lines()))
         return 0
 
     _run(body)

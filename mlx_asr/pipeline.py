@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from .languages import resolve_language
 from .mel import num_frames
 from .prompt import STOP_IDS, build_prompt_ids, merge_languages, parse_asr_output
 from .tokenizer import QwenTokenizer
+
+if TYPE_CHECKING:
+    from .streaming import StreamingSession
 
 DEFAULT_MAX_NEW_TOKENS = 512
 
@@ -138,14 +141,18 @@ class AsrPipeline:
     ) -> AsrPipeline:
         """Load a Qwen3-ASR folder (official or converted) or Hugging Face repo id.
 
-        ``backend``: ``"mlx"``, ``"torch"`` or ``None`` (MLX on Apple Silicon, else PyTorch).
+        ``backend``: ``"mlx"``, ``"torch"`` or ``None`` (MLX on Apple Silicon, else PyTorch; always MLX for
+        a folder quantized by ``mlx-asr convert``, which only MLX loads).
         ``device``: ``"cpu"``, ``"metal"``, ``"cuda"`` or ``None`` (the best available).
         ``dtype``: compute dtype ``float32``/``bfloat16``/``float16``; ``None`` keeps the checkpoint's.
-        Other keyword options go to the backend (torch: ``quantize``, ``threads``).
+        Other keyword options go to the backend (``quantize`` for both; torch: ``threads``).
         """
         start = time.perf_counter()
+        requested = backend, device
         backend, device = resolve_backend(backend, device)
         checkpoint = open_checkpoint(_resolve_model_path(model))
+        if requested[0] in (None, "auto") and backend != "mlx" and checkpoint.is_quantized and requested[1] != "cuda":
+            backend, device = resolve_backend("mlx", requested[1])
         dtype = dtype or _checkpoint_dtype(checkpoint)
         tokenizer = QwenTokenizer.from_dir(checkpoint.path)
         engine = create_backend(checkpoint, backend, device, dtype, **options)
@@ -238,6 +245,19 @@ class AsrPipeline:
             stop_reason="eos" if stopped else "max_new_tokens",
             logprobs=[s.logprob for s in steps],
         )
+
+    # ------------------------------------------------------------------ live audio
+    def stream(self, language: str | None = None, context: str = "", **options: Any) -> StreamingSession:
+        """Start a streaming transcription: ``feed(samples, sample_rate)`` pieces, then ``finish()``.
+
+        ``options``: ``mode`` (``"cached"``, default, or ``"exact"``: the official algorithm),
+        ``chunk_seconds`` (2), ``unfixed_chunks`` (2), ``rollback_tokens`` (5), ``max_new_tokens`` (32 per
+        update) and ``context_seconds`` (audio in view; default 16 s cached, unbounded exact). See
+        :mod:`mlx_asr.streaming` for the algorithm, the fixed-text guarantee and the memory policy.
+        """
+        from .streaming import StreamingSession
+
+        return StreamingSession(self, language=language, context=context, **options)
 
     # ------------------------------------------------------------------ many clips
     def transcribe_batch(

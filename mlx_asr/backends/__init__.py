@@ -77,6 +77,11 @@ def create_backend(checkpoint: Checkpoint, backend: str, device: str, dtype: str
         from .mlx import MlxBackend
 
         return MlxBackend(checkpoint, dtype=dtype, device=device, **options)
+    if checkpoint.is_quantized:
+        raise BackendError(
+            f"{checkpoint.path} holds MLX-quantized weights, which only the mlx backend loads; use --backend mlx, "
+            "or convert without --quantize for a folder both backends load"
+        )
     if not _installed("torch"):
         raise BackendError(TORCH_MISSING)
     from .torch import TorchBackend

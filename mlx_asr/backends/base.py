@@ -93,3 +93,51 @@ class Backend(ABC):
     @abstractmethod
     def synchronize(self) -> None:
         """Wait until queued work is done (for honest stage timings)."""
+
+    # ------------------------------------------------------------------ streaming (cached mode)
+    def encode_stem(self, mel: Any) -> Any:
+        """Conv-stem rows ``[tokens, d_model]`` (per-chunk positions added) of mel frames that start a chunk.
+
+        As inside a recording longer than one chunk: a last partial 100-frame chunk is zero-padded to full
+        width (even when it is the only one) and its padding tokens are dropped. With
+        :meth:`encode_window`, lets the cached streaming mode keep the stem of finished chunks.
+        """
+        raise NotImplementedError(f"the {self.name} backend cannot encode part of a recording")
+
+    def encode_window(self, stems: Sequence[Any]) -> Any:
+        """Audio embeddings ``[tokens, hidden]`` of conv-stem rows that make up one attention window.
+
+        ``stems``: consecutive pieces of :meth:`encode_stem` output (at most one window's worth, 104 rows),
+        attended together by the transformer layers, then ``ln_post`` and the projector. For the rows of a
+        window this equals :meth:`encode` of the whole recording.
+        """
+        raise NotImplementedError(f"the {self.name} backend cannot encode part of a recording")
+
+    def prefill_prefix(self, prompt_ids: Sequence[int], audio_embeds: Any | None, prefix: Any | None = None) -> Any:
+        """Run prompt tokens through the decoder into a reusable KV cache and return it.
+
+        ``audio_embeds`` fill the ``<|audio_pad|>`` slots of ``prompt_ids`` (``None`` when there are none).
+        With ``prefix`` (a value this method returned) the tokens continue it; it is extended in place and
+        returned. Used with :meth:`generate_after` by the cached streaming mode.
+        """
+        raise NotImplementedError(f"the {self.name} backend cannot keep a prompt's KV cache")
+
+    def generate_after(
+        self,
+        prefix: Any,
+        prompt_ids: Sequence[int],
+        audio_embeds: Any | None,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        min_new_tokens: int = 0,
+        draft: Sequence[int] = (),
+    ) -> Iterator[Step]:
+        """:meth:`generate` for the prompt made of ``prefix``'s tokens followed by ``prompt_ids``.
+
+        ``draft``: tokens the output is expected to start with (streaming: the previous output's rolled-back
+        tokens). They are run through the prefill with the prompt; each one that greedy decoding confirms
+        needs no decoding step of its own. The tokens are those of ``generate`` on the whole prompt, up to
+        float rounding; ``prefix`` is left holding only its own tokens, so it can be reused (one generation
+        at a time).
+        """
+        raise NotImplementedError(f"the {self.name} backend cannot keep a prompt's KV cache")

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 
 from ...checkpoint import Checkpoint
+from ...config import num_audio_tokens
 from ...errors import BackendError
 from ..base import DTYPES, Backend, Step
 from .features import log_mel
-from .llm import Decoder
+from .llm import Decoder, KVCache
 from .model import TORCH_DTYPES, load_model
 from .quant import BITS
 
@@ -127,3 +128,72 @@ class TorchBackend(Backend):
     def synchronize(self) -> None:
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize(self.torch_device)
+
+    # ------------------------------------------------------------------ streaming (cached mode)
+    @torch.inference_mode()
+    def encode_stem(self, mel: Any) -> torch.Tensor:
+        mel = torch.as_tensor(mel, device=self.torch_device)
+        size, frames = self.config.audio.chunk_frames, mel.shape[1]
+        padded = torch.nn.functional.pad(mel, (0, -frames % size))  # a partial chunk convolved at full width
+        return self.audio_tower.conv_stem(padded)[: num_audio_tokens(frames, size)]
+
+    @torch.inference_mode()
+    def encode_window(self, stems: Sequence[Any]) -> torch.Tensor:
+        h = torch.cat([torch.as_tensor(s) for s in stems])[None]
+        for layer in self.audio_tower.layers:
+            h = layer(h, None)
+        return self.audio_tower.project(h[0])
+
+    @torch.inference_mode()
+    def _embeds(self, prompt_ids: Sequence[int], audio_embeds: Any | None) -> torch.Tensor:
+        if audio_embeds is not None:
+            return self.embed_prompt(prompt_ids, audio_embeds)
+        if self.config.audio_token_id in prompt_ids:
+            raise ValueError("prompt has audio placeholder tokens but no audio embeddings were given")
+        ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.torch_device)
+        return self.decoder.model.embed_tokens(ids)
+
+    def prefill_prefix(self, prompt_ids: Sequence[int], audio_embeds: Any | None, prefix: Any | None = None) -> Any:
+        embeds = self._embeds(prompt_ids, audio_embeds)
+        if prefix is None:
+            prefix = _Prefix(self.decoder)
+        prefix.reserve(embeds.shape[0])
+        self.decoder.extend(prefix.cache, embeds, last=0)
+        return prefix
+
+    def generate_after(
+        self,
+        prefix: Any,
+        prompt_ids: Sequence[int],
+        audio_embeds: Any | None,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        min_new_tokens: int = 0,
+        draft: Sequence[int] = (),
+    ) -> Iterator[Step]:
+        embeds = self._embeds(prompt_ids, audio_embeds)
+        prefix.reserve(embeds.shape[0] + len(draft) + max_new_tokens)
+        return self.decoder.decode_after(prefix.cache, embeds, max_new_tokens, stop_ids, min_new_tokens, draft)
+
+
+class _Prefix:
+    """A reusable batch-1 KV cache of a prompt prefix; its buffer grows (by copying) when more room is needed."""
+
+    ROOM = 256
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.cache = KVCache.allocate(decoder.cfg, 1, self.ROOM, decoder.dtype, decoder.device)
+
+    @torch.inference_mode()
+    def reserve(self, more: int) -> None:
+        """Make room for ``more`` positions after the cached ones."""
+        old = self.cache
+        need = old.length + more
+        if need <= old.keys.shape[3]:
+            return
+        grown = KVCache.allocate(self.decoder.cfg, 1, need + self.ROOM, self.decoder.dtype, self.decoder.device)
+        grown.keys[:, :, :, : old.length] = old.keys[:, :, :, : old.length]
+        grown.values[:, :, :, : old.length] = old.values[:, :, :, : old.length]
+        grown.length = old.length
+        self.cache = grown

@@ -322,6 +322,67 @@ class Decoder:
                 rows = [rows[i] for i in keep]
             logits = self._step(batch, [steps[i].token for i in keep])
 
+    # ------------------------------------------------------------------ reusable prompt prefixes (streaming)
+    @torch.inference_mode()
+    def extend(self, cache: KVCache, embeds: torch.Tensor, last: int = 1) -> torch.Tensor | None:
+        """Append prompt embeddings ``[S, H]`` to a batch-1 cache holding ``cache.length`` positions.
+
+        Positions and the causal mask continue from ``cache.length``; returns the float32 logits
+        ``[last, vocab]`` of the last ``last`` positions (``None`` for 0).
+        """
+        start, count = cache.length, embeds.shape[0]
+        positions = torch.arange(start, start + count, device=self.device)[None]
+        mask = None
+        if start and count > 1:  # causal over the cached keys plus the new ones
+            mask = torch.ones(count, start + count, dtype=torch.bool, device=self.device).tril(start)[None, None]
+        hidden = self.model(embeds[None].to(self.dtype), positions, cache, mask)
+        return self.logits(hidden[0, -last:]) if last else None
+
+    def decode_after(
+        self,
+        cache: KVCache,
+        embeds: torch.Tensor,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        min_new_tokens: int = 0,
+        draft: Sequence[int] = (),
+    ) -> Iterator[Step]:
+        """Greedy decoding of the prompt ``cache``'s positions + ``embeds [S, H]``; ``cache.length`` is kept.
+
+        ``draft``: tokens expected to come first; they go through the prefill with the prompt, and each one
+        the greedy choice confirms is taken without a decoding step. Writes past ``cache.length`` (scratch),
+        so the buffer needs room for ``S + len(draft) + max_new_tokens`` more positions.
+        """
+        if max_new_tokens <= 0:
+            return
+        view = KVCache(cache.keys, cache.values)
+        view.length = cache.length
+        stops = sorted({int(s) for s in stop_ids if 0 <= int(s) < self.cfg.vocab_size})
+        draft = list(draft)[: max_new_tokens - 1]
+        if draft:
+            with torch.inference_mode():
+                ids = torch.as_tensor(draft, dtype=torch.long, device=self.device)
+                embeds = torch.cat([embeds.to(self.dtype), self.model.embed_tokens(ids).to(self.dtype)])
+        logits = self.extend(view, embeds, len(draft) + 1)
+        start, n = view.length - len(draft), 0  # start: where draft[0] was written
+        for i in range(len(draft) + 1):
+            step = _choose(logits[i : i + 1], stops if n < min_new_tokens else [])[0]
+            yield step
+            n += 1
+            if step.token in stops or n == max_new_tokens:
+                return
+            if i == len(draft) or step.token != draft[i]:
+                break
+        view.length = start + i  # keys of the confirmed draft tokens only
+        batch = _Batch(view, [view.length], self.device)
+        while True:
+            logits = self._step(batch, [step.token])
+            step = _choose(logits, stops if n < min_new_tokens else [])[0]
+            yield step
+            n += 1
+            if step.token in stops or n == max_new_tokens:
+                return
+
 
 class _Batch:
     """Decoding state of left-padded rows: the cache, each row's next position and its real keys."""

@@ -25,10 +25,14 @@ and ``mx.synchronize`` are wrapped; each call is counted, and the graph it launc
 evaluated array reachable from its arguments) is written with ``mx.export_to_dot`` and its primitive
 nodes are counted by name. Graphs are detached once evaluated, so nothing is counted twice. Per-token
 numbers are the difference between a run of ``2k`` and of ``k`` tokens divided by ``k`` (prefill cancels).
-"Operations" counts every primitive node; "kernels" leaves out views that launch no work (reshape,
-transpose, slice, broadcast, squeeze, expand-dims). ``Compiled*`` nodes are fused ``mx.compile``
-kernels; ``RMSNorm``/``RoPE``/``ScaledDotProductAttention`` are ``mx.fast`` kernels; ``QuantizedMatmul``
-is a quantized matmul. For timing, preload OpenBLAS on Linux (LD_PRELOAD, see --help).
+"Operations" counts every primitive node; "kernels" leaves out nodes that launch no work on contiguous
+data (reshape, transpose, slice, split, broadcast, squeeze, expand-dims, flatten, unflatten, depends).
+``Compiled*`` nodes are fused ``mx.compile`` kernels; ``RMSNorm``/``RoPE``/``ScaledDotProductAttention`` are
+``mx.fast`` kernels; ``QuantizedMatmul`` is a quantized matmul. MLX's CPU backend expands the ``mx.fast``
+functions into many primitives, so the graphs are counted twice: as built here ("CPU graph") and with
+one-node stand-ins for the ``mx.fast`` calls ("Metal-equivalent", one node each as on a Metal stream;
+see ``GraphProbe``). Timing uses the real kernels. Preload OpenBLAS on Linux for timing (the ``decode``
+command does it for its children when the library is installed).
 
 Only the standard library and numpy are imported at module level, so the peer venv can run the
 ``_decode-peer`` child.

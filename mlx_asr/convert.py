@@ -410,6 +410,9 @@ print(pipe.transcribe("speech.wav"))
 mlx-asr transcribe -m {name} -a speech.wav
 ```
 
+On MLX's CPU backend (Linux), pass `--dtype float32` (`dtype="float32"`): its quantized and half-precision
+matmuls are many times slower than float32 there. On Apple silicon keep the stored dtype.
+
 Files: {", ".join(files)}.
 """
 

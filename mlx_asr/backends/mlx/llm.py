@@ -4,7 +4,7 @@ Design for decoding speed (it is weight-bandwidth bound, one token at a time):
 
 * ``fuse()`` joins ``q/k/v_proj`` into one ``qkv_proj`` and ``gate/up_proj`` into ``gate_up_proj``
   (row concatenation, exact for float and for affine-quantized weights of equal bits/group size):
-  four matmuls per layer instead of seven.
+  four matmuls per layer instead of seven. The q and k heads then share one RMSNorm and one RoPE call.
 * Every step uses ``mx.fast`` kernels (``rms_norm``, ``rope``, ``scaled_dot_product_attention``) and,
   for quantized models, ``quantized_matmul`` (``QuantizedLinear`` / ``QuantizedEmbedding.as_linear``).
 * The whole decode step (embedding, 28 layers, head, greedy choice, log-probability) is one
@@ -398,7 +398,8 @@ class Decoder:
 
         ``cache``: a cache already holding the start of the prompt (``embeds`` is the rest); it is consumed.
 
-        One evaluation per token: the compiled step's ``[token, logprob]`` pair is the only read-back.
+        One evaluation per token: reading the compiled step's ``[token, logprob]`` pair evaluates the step
+        (synchronous mode), or one ``mx.async_eval`` queues it and the read waits for it (pipelined).
         """
         if max_new_tokens <= 0:
             return
@@ -415,7 +416,8 @@ class Decoder:
         token = token.reshape(1)
         pos = mx.array(offset, dtype=mx.int32)
         pipelined = self._is_pipelined()
-        (mx.async_eval if pipelined else mx.eval)(packed, token, keys, values)
+        if pipelined:
+            mx.async_eval(packed, token, keys, values)
         for n in range(1, max_new_tokens + 1):
             capacity = keys[0].shape[2]
             more = n < max_new_tokens
@@ -437,9 +439,8 @@ class Decoder:
             if pipelined:
                 packed, token, pos, keys, values = following
                 del following
-            else:
+            else:  # evaluated by the next read of ``packed`` (the caches are in its graph): one evaluation
                 packed, token, pos, keys, values = self.decode_step(token, pos, keys, values, penalty)
-                mx.eval(packed, token, pos, keys, values)
 
 
 def _grow(buffers: list[mx.array]) -> list[mx.array]:

@@ -107,7 +107,8 @@ class AudioTower(nn.Module):
         h = F.gelu(self.conv2d2(h))
         h = F.gelu(self.conv2d3(h))
         n, c, f, t = h.shape
-        return self.conv_out(h.permute(0, 3, 1, 2).reshape(n, t, c * f))
+        # 2-D and contiguous: a permuted 3-D view makes F.linear broadcast (copy) the weight per chunk (bmm)
+        return self.conv_out(h.permute(0, 3, 1, 2).reshape(n * t, c * f).contiguous()).view(n, t, -1)
 
     def conv_stem(self, mel: torch.Tensor) -> torch.Tensor:
         """Conv stem + per-chunk sinusoid positions, padding tokens dropped: ``[N_a, d_model]``."""

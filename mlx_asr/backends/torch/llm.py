@@ -12,6 +12,7 @@ from ...config import TextConfig
 from ..base import Step
 
 Head = Callable[[torch.Tensor], torch.Tensor]
+BATCH_PREFILL_TOKENS = 4096  # at most this many (padded) prompt tokens prefilled in one forward pass
 
 
 class RMSNorm(nn.Module):
@@ -276,9 +277,16 @@ class Decoder:
 
     @torch.inference_mode()
     def _start(self, prompts: Sequence[torch.Tensor], max_new_tokens: int) -> tuple[_Batch, torch.Tensor]:
-        """Prefill every prompt into its left-padded row of one batch cache; first logits ``[B, vocab]``."""
+        """Prefill every prompt into its left-padded row of one batch cache; first logits ``[B, vocab]``.
+
+        Several prompts go through one forward pass when they fit :data:`BATCH_PREFILL_TOKENS` (bigger
+        matmuls, and int8 weights are dequantized once for all rows instead of once per prompt).
+        """
         longest = max(p.shape[0] for p in prompts)
         cache = self._cache(len(prompts), longest + max_new_tokens)
+        lengths = [p.shape[0] for p in prompts]
+        if 1 < len(prompts) and len(prompts) * longest <= BATCH_PREFILL_TOKENS:
+            return _Batch(cache, lengths, self.device), self._prefill_together(prompts, cache)
         logits = []
         for row, embeds in enumerate(prompts):
             pad = longest - embeds.shape[0]
@@ -288,6 +296,28 @@ class Decoder:
             logits.append(self._prefill(embeds, cache.row(row, pad)))
         cache.length = longest
         return _Batch(cache, [p.shape[0] for p in prompts], self.device), torch.stack(logits)
+
+    def _prefill_together(self, prompts: Sequence[torch.Tensor], cache: KVCache) -> torch.Tensor:
+        """One forward of the left-padded prompts into an empty batch cache; last-position logits ``[B, vocab]``.
+
+        Each row's real tokens get positions from 0 and attend causally to that row's real tokens only, as
+        in a prefill of their own; padding positions attend to themselves (finite, and masked later).
+        """
+        longest = max(p.shape[0] for p in prompts)
+        pads = [longest - p.shape[0] for p in prompts]
+        embeds = torch.stack([F.pad(p.to(self.dtype), (0, 0, pad, 0)) for p, pad in zip(prompts, pads, strict=True)])
+        index = torch.arange(longest, device=self.device)
+        first = torch.tensor(pads, device=self.device)[:, None]
+        positions = (index[None, :] - first).clamp(min=0)
+        mask = None
+        if any(pads):
+            real = index[None, :] >= first  # [B, L]: key is a real token
+            causal = index[None, :] <= index[:, None]  # [L, L]
+            mask = (causal[None] & (real[:, None, :] | torch.eye(longest, dtype=torch.bool, device=self.device)))[
+                :, None
+            ]
+        hidden = self.model(embeds, positions, cache, mask)
+        return self.logits(hidden[:, -1])
 
     @torch.inference_mode()
     def _step(self, batch: _Batch, tokens: list[int]) -> torch.Tensor:

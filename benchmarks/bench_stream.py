@@ -138,6 +138,9 @@ def agreement(pipe, args) -> list[dict]:
         "16-s window in both": (16.0, 16.0),
         "defaults (exact: all, cached: 16 s)": ("default", "default"),
     }
+    if args.configs:
+        wanted = args.configs.split(",")
+        configs = {label: c for i, (label, c) in enumerate(configs.items()) if str(i) in wanted}
     rows = []
     for label, contexts in configs.items():
         for name, wav in clips.items():
@@ -179,6 +182,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--agreement", action="store_true", help="cached vs exact text on the fixture clips instead")
+    parser.add_argument("--configs", default=None, help="with --agreement: 0 all in view, 1 16-s window, 2 defaults")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))

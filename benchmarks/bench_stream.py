@@ -4,7 +4,10 @@
 A microphone is simulated by feeding fixture speech (``tests/fixtures/audio/long_60s.flac`` repeated) to
 ``pipe.stream()`` one chunk at a time, as fast as updates are computed; each update's processing time is
 compared with the chunk duration (real time means every update finishes before the next chunk has been
-recorded). Memory is the process RSS after each update.
+recorded). Each update's process CPU time is recorded too: on shared cores the wall time also counts
+the time other processes held the CPU, the CPU time does not (with ``--threads 1`` it is closer to what the
+update takes on a core of its own; shared caches and memory bandwidth still count). Memory is the process
+RSS after each update.
 
 Random-weight checkpoints (``benchmarks/make_checkpoint.py``) never emit the stop token, so every update
 decodes exactly ``--tokens-per-update`` tokens. The default, 13, is what a real model decodes for 2 s of
@@ -72,10 +75,12 @@ def run_mode(pipe, audio, mode: str, args) -> dict:
     session = pipe.stream(language=args.language, **options)
     rows, stopped = [], None
     start = time.perf_counter()
+    cpu = time.process_time()
     for i in range(0, audio.shape[0], chunk):
         for update in session.iter_feed(audio[i : i + chunk]):
+            cpu, used = time.process_time(), time.process_time() - cpu
             rows.append(dict(
-                audio=round(update.audio_seconds, 2), seconds=round(update.seconds, 4),
+                audio=round(update.audio_seconds, 2), seconds=round(update.seconds, 4), cpu_seconds=round(used, 4),
                 encoder=round(update.timings.encoder, 4), prefill=round(update.timings.prefill, 4),
                 decode=round(update.timings.decode, 4), prompt_tokens=update.prompt_tokens,
                 prefill_tokens=update.prefill_tokens, new_tokens=update.new_tokens,
@@ -98,6 +103,7 @@ def run_mode(pipe, audio, mode: str, args) -> dict:
 
 def summarize(mode, rows, chunk_seconds, wall, stopped, stats) -> dict:
     times = [r["seconds"] for r in rows]
+    cpu = [r["cpu_seconds"] for r in rows]
     half = len(rows) // 2
     late = rows[half:]
     minute = [r for r in rows if r["audio"] <= 60] or rows
@@ -108,6 +114,8 @@ def summarize(mode, rows, chunk_seconds, wall, stopped, stats) -> dict:
         median_update=round(statistics.median(times), 4),
         p95_update=round(sorted(times)[int(0.95 * (len(times) - 1))], 4),
         max_update=round(max(times), 4), over_real_time=sum(t >= chunk_seconds for t in times),
+        median_cpu=round(statistics.median(cpu), 4), max_cpu=round(max(cpu), 4),
+        cpu_over_real_time=sum(t >= chunk_seconds for t in cpu),
         median_first_half=round(statistics.median(times[:half] or times), 4),
         median_second_half=round(statistics.median(times[half:]), 4),
         rss_mb_after_1_min=max(r["rss_mb"] for r in minute), rss_mb_max=max(r["rss_mb"] for r in rows),

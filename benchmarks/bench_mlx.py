@@ -178,13 +178,16 @@ def per_token(short: dict, long: dict, tokens: int) -> dict:
     }
 
 
-def _interval_stats(stamps: list[float]) -> dict:
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+def _interval_stats(stamps: list[tuple[float, float]]) -> dict:
+    """Per-token wall-clock and process CPU time (all threads) from ``(perf_counter, process_time)`` stamps."""
+    gaps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:], strict=False)]
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:], strict=False)]
     return {
         "tokens": len(stamps),
         "s_per_token_median": statistics.median(gaps) if gaps else None,
         "s_per_token_mean": statistics.fmean(gaps) if gaps else None,
         "intervals": [round(g, 4) for g in gaps],
+        "cpu_intervals": [round(g, 4) for g in cpu],
     }
 
 
@@ -225,10 +228,10 @@ def _decode_ours(args) -> dict:
     embeds = backend.encode(backend.log_mel(samples))
     mx.eval(embeds)
 
-    def run(n: int) -> list[float]:
+    def run(n: int) -> list[tuple[float, float]]:
         stamps = []
         for _ in backend.generate(prompt, embeds, n, stop_ids=[]):
-            stamps.append(time.perf_counter())
+            stamps.append((time.perf_counter(), time.process_time()))
         return stamps
 
     def fresh() -> None:
@@ -264,10 +267,10 @@ def _decode_mlxlm(args) -> dict:
     mx.eval(model.parameters())
     prompt = mx.array([(i * 7919) % 150000 for i in range(args.prompt_len)], dtype=mx.int32)
 
-    def run(n: int) -> list[float]:
+    def run(n: int) -> list[tuple[float, float]]:
         stamps = []
         for _ in generate_step(prompt, model, max_tokens=n):
-            stamps.append(time.perf_counter())
+            stamps.append((time.perf_counter(), time.process_time()))
         return stamps
 
     return _measure(run, args, prompt_len=args.prompt_len)
@@ -294,15 +297,15 @@ def _decode_peer(args) -> dict:
     position_ids = mx.stack([positions, positions, positions], axis=1)
     peer_generate._detect_repetition = lambda tokens, threshold=20: False
     step = model.step
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
 
     def timed_step(*a, **k):
-        stamps.append(time.perf_counter())
+        stamps.append((time.perf_counter(), time.process_time()))
         return step(*a, **k)
 
     model.step = timed_step
 
-    def run(n: int) -> list[float]:
+    def run(n: int) -> list[tuple[float, float]]:
         stamps.clear()
         config = peer_generate.GenerationConfig(max_new_tokens=n, eos_token_ids=[])
         peer_generate.generate_with_info(model, input_ids, features, position_ids, config)
@@ -320,7 +323,7 @@ def _measure(run, args, prompt_len: int, fresh=None) -> dict:
     k = args.probe_tokens
     run(3)
     counts = {}
-    for label, metal in (("cpu_graph", False), ("metal_graph", True)):
+    for label, metal in (("cpu_graph", False), ("metal_graph", True)) if k else ():
         snapshots = []
         for n in (k, 2 * k):
             if fresh is not None:
@@ -337,6 +340,7 @@ def _measure(run, args, prompt_len: int, fresh=None) -> dict:
     return {
         "prompt_len": prompt_len,
         "per_token": counts,
+        "cpu_s_per_token_median": statistics.median(g for t in timings for g in t["cpu_intervals"]),
         "s_per_token_median": statistics.median(gaps),
         "s_per_token_mean": statistics.fmean(gaps),
         "runs": timings,
@@ -373,9 +377,13 @@ def cmd_decode(args) -> None:
         systems["mlx-qwen3-asr"] = [args.peer_python, __file__, "_decode-peer", *common,
                                     "--prompt-ids", json.dumps(prompt)]
     results: dict[str, list[dict]] = {name: [] for name in systems}
+    names = list(systems)
     for round_ in range(args.rounds):
-        for name, command in systems.items():
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:  # rotate the order
             print(f"[round {round_ + 1}/{args.rounds}] {name} ...", file=sys.stderr, flush=True)
+            command = list(systems[name])
+            if round_:  # the counts are deterministic: probe in the first round only
+                command[command.index("--probe-tokens") + 1] = "0"
             out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
             if out.returncode:
                 raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -385,10 +393,15 @@ def cmd_decode(args) -> None:
             "fast_kernels", "quantized_matmuls", "matmuls", "evaluations", "ops")
     for name, runs in results.items():
         gaps = [g for r in runs for t in r["runs"] for g in t["intervals"]]
+        per_round = [r["s_per_token_median"] for r in runs]
+        cpu_rounds = [r["cpu_s_per_token_median"] for r in runs]
         rows.append({
             "system": name,
+            "cpu_s_per_token_median": statistics.median(cpu_rounds),
+            "cpu_s_per_token_per_round": [round(t, 3) for t in cpu_rounds],
             "s_per_token_median": statistics.median(gaps),
-            "s_per_token_per_round": [round(r["s_per_token_median"], 3) for r in runs],
+            "s_per_token_best_round": min(per_round),
+            "s_per_token_per_round": [round(t, 3) for t in per_round],
             "cpu_graph": {k: runs[0]["per_token"]["cpu_graph"][k] for k in keys},
             "metal_graph": {k: runs[0]["per_token"]["metal_graph"][k] for k in keys},
             "prompt_len": runs[0]["prompt_len"],
@@ -398,15 +411,24 @@ def cmd_decode(args) -> None:
               "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print("| system | s/token (median) | per round | Metal-equiv. ops/token (kernels) | CPU-graph ops/token (kernels) "
-          "| evaluations/token (blocking) | compiled nodes | mx.fast kernels | quantized matmuls | matmuls |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| system | s/token (median, all) | best round | per round | Metal-equiv. ops/token (kernels) | "
+          "CPU-graph ops/token (kernels) | evaluations/token (blocking) | compiled nodes | mx.fast kernels | "
+          "quantized matmuls | matmuls |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m, c = r["metal_graph"], r["cpu_graph"]
-        print(f"| {r['system']} | {r['s_per_token_median']:.3f} | {r['s_per_token_per_round']} | "
+        print(f"| {r['system']} | {r['s_per_token_median']:.3f} | {r['s_per_token_best_round']:.3f} | "
+              f"{r['s_per_token_per_round']} | "
               f"{m['ops_total']:.0f} ({m['kernels_total']:.0f}) | {c['ops_total']:.0f} ({c['kernels_total']:.0f}) | "
               f"{m['evaluations_total']:.2f} ({m['blocking_evaluations']:.2f}) | {m['compiled_nodes']:.0f} | "
               f"{m['fast_kernels']:.0f} | {m['quantized_matmuls']:.0f} | {m['matmuls']:.0f} |")
+    print("\nProcess CPU seconds per token (all threads; less sensitive to other processes than wall-clock):")
+    for r in rows:
+        print(f"  {r['system']}: median {r['cpu_s_per_token_median']:.3f}, per round {r['cpu_s_per_token_per_round']}")
+    ours = rows[0]["s_per_token_per_round"]
+    for r in rows[1:]:
+        ratios = [round(t / o, 2) for t, o in zip(r["s_per_token_per_round"], ours, strict=True)]
+        print(f"{r['system']} / {rows[0]['system']} per round (same round, so the same machine load): {ratios}")
     for r in rows:
         print(f"{r['system']}: evaluations {r['metal_graph']['evaluations']}; Metal-equivalent ops "
               f"{r['metal_graph']['ops']}")

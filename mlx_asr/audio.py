@@ -84,14 +84,19 @@ def _as_channels_first(samples: np.ndarray) -> np.ndarray:
 def _from_array(samples: np.ndarray, rate: int | None) -> tuple[np.ndarray, int]:
     if rate is None:
         raise AudioError("a numpy audio array needs its sample rate: pass (array, sample_rate)")
+    return _as_channels_first(to_float32(samples)), int(rate)
+
+
+def to_float32(samples: np.ndarray) -> np.ndarray:
+    """Float32 samples of a float, int16 or int32 array (integers scaled to [-1, 1))."""
     samples = np.asarray(samples)
     if samples.dtype == np.int16:
-        samples = samples.astype(np.float32) / 32768.0
-    elif samples.dtype == np.int32:
-        samples = samples.astype(np.float32) / 2147483648.0
-    elif not np.issubdtype(samples.dtype, np.floating):
+        return samples.astype(np.float32) / 32768.0
+    if samples.dtype == np.int32:
+        return samples.astype(np.float32) / 2147483648.0
+    if not np.issubdtype(samples.dtype, np.floating):
         raise AudioError(f"unsupported audio array dtype {samples.dtype}")
-    return _as_channels_first(samples.astype(np.float32, copy=False)), int(rate)
+    return samples.astype(np.float32, copy=False)
 
 
 def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:

@@ -83,6 +83,7 @@ from typing import Any
 
 import numpy as np
 
+from .audio import to_float32
 from .backends import Step
 from .config import HOP_LENGTH, N_FFT, SAMPLE_RATE, num_audio_tokens
 from .errors import AsrError, AudioError
@@ -235,13 +236,7 @@ def _common_prefix(strings: list[str]) -> str:
 
 def _to_mono(samples: Any) -> np.ndarray:
     """Float32 mono of a 1-D array or a 2-D ``[frames, channels]`` array (int16/int32 scaled)."""
-    x = np.asarray(samples)
-    if x.dtype == np.int16:
-        x = x.astype(np.float32) / 32768.0
-    elif x.dtype == np.int32:
-        x = x.astype(np.float32) / 2147483648.0
-    elif not np.issubdtype(x.dtype, np.floating):
-        raise AudioError(f"unsupported audio sample type {x.dtype}")
+    x = to_float32(samples)
     if x.ndim == 2:
         x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
     elif x.ndim != 1:

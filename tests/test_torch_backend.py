@@ -22,7 +22,9 @@ torch = pytest.importorskip("torch")
 from mlx_asr.audio import load_audio  # noqa: E402
 from mlx_asr.backends.base import Step  # noqa: E402
 from mlx_asr.backends.torch import TorchBackend  # noqa: E402
-from mlx_asr.backends.torch.llm import Decoder  # noqa: E402
+from mlx_asr.backends.torch.compute import native_half_gemm, upcast_wide  # noqa: E402
+from mlx_asr.backends.torch.encoder import Conv2d  # noqa: E402
+from mlx_asr.backends.torch.llm import Decoder, Linear  # noqa: E402
 from mlx_asr.backends.torch.model import load_model  # noqa: E402
 from mlx_asr.backends.torch.quant import Int4Linear, Int8Linear, QuantEmbedding  # noqa: E402
 from mlx_asr.checkpoint import LM_HEAD, open_checkpoint  # noqa: E402
@@ -230,7 +232,37 @@ def test_generate_batch_of_nothing(backend: TorchBackend) -> None:
 # Lower precision and quantization ---------------------------------------------------------------
 
 
-def test_bfloat16_is_close(record_property) -> None:
+@pytest.fixture(params=["native", "float32"])
+def cpu_half(request, monkeypatch) -> str:
+    """Both CPU half-precision policies: native bf16 products, or wide products upcast to float32."""
+    monkeypatch.setenv("MLX_ASR_CPU_HALF", request.param)
+    native_half_gemm.cache_clear()
+    yield request.param
+    native_half_gemm.cache_clear()
+
+
+def test_cpu_half_policy_upcasts_only_wide_products(cpu_half: str) -> None:
+    torch.manual_seed(0)
+    linear = Linear(64, 32).to(torch.bfloat16)
+    torch.nn.init.normal_(linear.weight)
+    torch.nn.init.normal_(linear.bias)
+    wide, narrow = torch.randn(20, 64, dtype=torch.bfloat16), torch.randn(2, 64, dtype=torch.bfloat16)
+    assert upcast_wide(linear.weight, 20) == (cpu_half == "float32")
+    assert not upcast_wide(linear.weight, 2) and not upcast_wide(linear.weight.float(), 20)
+    in_float32 = torch.nn.functional.linear(wide.float(), linear.weight.float(), linear.bias.float())
+    if cpu_half == "float32":
+        assert torch.equal(linear(wide), in_float32.to(torch.bfloat16))
+    else:
+        torch.testing.assert_close(linear(wide).float(), in_float32, rtol=2e-2, atol=0.5)
+    assert linear(narrow).dtype == torch.bfloat16
+    conv = Conv2d(1, 4, 3, 2, 1).to(torch.bfloat16)
+    image = torch.randn(1, 1, 8, 8, dtype=torch.bfloat16)
+    out = conv(image)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), conv.float()(image.float()), rtol=2e-2, atol=2e-2)
+
+
+def test_bfloat16_is_close(record_property, cpu_half: str) -> None:
     backend = _backend("bfloat16")
     assert backend.decoder.model.norm.weight.dtype == torch.bfloat16
     assert backend.log_mel(np.zeros(16000, dtype=np.float32)).dtype == torch.float32
@@ -244,7 +276,7 @@ def test_float16_is_close(record_property) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_int8_is_close(dtype: str, record_property) -> None:
+def test_int8_is_close(dtype: str, record_property, cpu_half: str) -> None:
     backend = _backend(dtype, 8)
     layer = backend.decoder.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, Int8Linear) and isinstance(layer.mlp.down_proj, Int8Linear)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import AudioEncoderConfig, encoder_windows, num_audio_tokens
+from .compute import slow_half
 from .llm import Linear
 
 # 100-frame chunks per conv call. On CPU small batches are as fast (cache-friendly) and bound the memory
@@ -69,6 +70,16 @@ class EncoderLayer(nn.Module):
         return x
 
 
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that runs in float32 on CPUs without native half products (:mod:`.compute`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not slow_half(self.weight):
+            return super().forward(x)
+        weight, bias = self.weight.float(), None if self.bias is None else self.bias.float()
+        return self._conv_forward(x.float(), weight, bias).to(x.dtype)
+
+
 class AudioTower(nn.Module):
     """``thinker.audio_tower``: mel ``[n_mels, T]`` -> audio embeddings ``[N_a, output_dim]``.
 
@@ -82,9 +93,9 @@ class AudioTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         c, d = cfg.downsample_hidden_size, cfg.d_model
-        self.conv2d1 = nn.Conv2d(1, c, 3, 2, 1)
-        self.conv2d2 = nn.Conv2d(c, c, 3, 2, 1)
-        self.conv2d3 = nn.Conv2d(c, c, 3, 2, 1)
+        self.conv2d1 = Conv2d(1, c, 3, 2, 1)
+        self.conv2d2 = Conv2d(c, c, 3, 2, 1)
+        self.conv2d3 = Conv2d(c, c, 3, 2, 1)
         self.conv_out = Linear(c * cfg.freq_after_conv, d, bias=False)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.ln_post = nn.LayerNorm(d, eps=1e-5) if has_ln_post else None

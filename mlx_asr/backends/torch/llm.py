@@ -10,6 +10,7 @@ from torch import nn
 
 from ...config import TextConfig
 from ..base import Step
+from .compute import float32_copy, upcast_wide
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 BATCH_PREFILL_TOKENS = 4096  # at most this many (padded) prompt tokens prefilled in one forward pass
@@ -29,10 +30,20 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` without the random init: every weight is assigned from the checkpoint."""
+    """``nn.Linear`` without the random init (every weight is assigned from the checkpoint).
+
+    Many-row products of a half-precision weight run in float32 on CPUs without native half GEMM
+    (:mod:`.compute`).
+    """
 
     def reset_parameters(self) -> None:
         pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not upcast_wide(self.weight, x.numel() // x.shape[-1]):
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), float32_copy(self.weight), bias).to(x.dtype)
 
 
 def fused_linear(weights: Sequence[torch.Tensor]) -> nn.Module:

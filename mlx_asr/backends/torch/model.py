@@ -12,6 +12,7 @@ from torch import nn
 
 from ...checkpoint import Checkpoint
 from ...errors import ModelError
+from .compute import release_scratch
 from .encoder import AudioTower
 from .llm import Head, Linear, TextModel
 from .quant import QuantEmbedding, check_bits, quantize_head, quantize_layer
@@ -184,6 +185,7 @@ def load_model(
     del tensors
     if quantize is not None:
         _load_quantized(model, checkpoint, dtype, device, quantize)
+        release_scratch()
         release_free_memory()
     model.requires_grad_(False)
     if quantize is None and (copied if fuse is None else fuse):

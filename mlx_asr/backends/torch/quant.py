@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import BackendError
+from .compute import native_half_gemm, scratch
 
 BITS = (8, 4)
-DEQUANT_ROWS = 32  # from this many input rows on, int8 dequantize + bf16 matmul beats the int8 kernel
+DEQUANT_ROWS = 32  # from this many input rows on, dequantize + dense matmul beats the int8 kernel
 GROUP_SIZES = (32,)  # int4 group width (input channels per scale/zero); 32 measured more accurate than 64/128
 ROW_BLOCK = 4096  # rows quantized at once (bounds the float32 temporary)
 COMPUTE = torch.bfloat16
@@ -33,17 +34,19 @@ COMPUTE = torch.bfloat16
 def _int8_rows(weights: Sequence[torch.Tensor], scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 codes of the stacked weights and their scales (rounded to ``scale_dtype`` first).
 
-    Written block by block into preallocated outputs: the only temporaries are one block's float32 values.
+    Written block by block into preallocated outputs through one reused float32 block.
     """
     first = weights[0]
     codes = torch.empty(sum(w.shape[0] for w in weights), first.shape[1], dtype=torch.int8, device=first.device)
     scales = torch.empty(codes.shape[0], dtype=scale_dtype, device=first.device)
+    block_rows = min(ROW_BLOCK, max(w.shape[0] for w in weights))
+    values = scratch(block_rows * first.shape[1], torch.float32, first.device).view(block_rows, first.shape[1])
     start = 0
     for block in (b for w in weights for b in w.split(ROW_BLOCK)):
         end = start + block.shape[0]
-        low, high = torch.aminmax(block, dim=1)  # max |w| without an abs() copy of the block
-        scale = (torch.maximum(high.float(), -low.float()) / 127.0).clamp(min=1e-12).to(scale_dtype)
-        codes[start:end] = (block / scale.float()[:, None]).round_().clamp_(-128, 127)
+        scale = (block.abs().amax(dim=1).float() / 127.0).clamp(min=1e-12).to(scale_dtype)
+        quotient = torch.div(block, scale.float()[:, None], out=values[: block.shape[0]])
+        codes[start:end] = quotient.round_().clamp_(-128, 127)
         scales[start:end] = scale
         start = end
     return codes, scales
@@ -64,8 +67,10 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, x.shape[-1]).to(self.dtype)
         if self.on_cpu and rows.shape[0] < DEQUANT_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
-        else:
-            y = F.linear(rows, self.weight.to(self.dtype)) * self.scales
+        else:  # dequantized into a reused buffer; float32 where half GEMM is slow (see .compute)
+            wide = self.dtype if native_half_gemm(self.weight.device.type) else torch.float32
+            weight = scratch(self.weight.numel(), wide, self.weight.device).view(self.weight.shape)
+            y = F.linear(rows.to(wide), weight.copy_(self.weight)) * self.scales
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 

@@ -438,3 +438,79 @@ def test_cli_listen_realtime_ctrl_c_finishes_cleanly():
     assert rows[0]["audio_seconds"] == 2.0 and rows[-1]["final"]
     assert rows[-1]["audio_seconds"] < 9.0  # stopped before the end of the 10-s file
     assert time.monotonic() - started < 30
+
+
+class _FakeSoundDevice:
+    """Stands in for the ``sounddevice`` module: one 44.1 kHz microphone fed from a fixture by a thread.
+
+    The stream calls back with ``[frames, 1]`` float32 blocks as PortAudio does, then presses Ctrl-C.
+    """
+
+    RATE = 44100
+
+    def __init__(self, clip: np.ndarray) -> None:
+        self.clip = clip
+        self.opened: dict = {}
+
+    def query_devices(self, device, kind):
+        if device not in (None, 0, "Fake mic"):
+            raise ValueError(f"No input device matching {device!r}")
+        return {"name": "Fake mic", "default_samplerate": float(self.RATE)}
+
+    def InputStream(self, **kwargs):  # noqa: N802 - sounddevice's name
+        self.opened = kwargs
+        fake = self
+
+        class Stream:
+            def __enter__(self):
+                import threading
+
+                self.thread = threading.Thread(target=self.run, daemon=True)
+                self.thread.start()
+                return self
+
+            def run(self):
+                size = kwargs["blocksize"]
+                for i in range(0, fake.clip.shape[0], size):
+                    kwargs["callback"](fake.clip[i : i + size, None], size, None, None)
+                    time.sleep(0.002)
+                time.sleep(1.0)  # let the listen loop take the blocks, then Ctrl-C
+                import os
+
+                os.kill(os.getpid(), signal.SIGINT)
+
+            def __exit__(self, *exc):
+                self.thread.join()
+
+        return Stream()
+
+
+def test_cli_listen_microphone_path(monkeypatch):
+    """The sounddevice path end to end with a fake 44.1 kHz microphone: blocks in, Ctrl-C, final transcript.
+
+    The final text must equal a session fed the same 44.1 kHz blocks (the number of blocks heard is read
+    from the final update, so the check does not depend on timing).
+    """
+    clip = resample(_audio("medium_10s.flac"), 16000, _FakeSoundDevice.RATE).astype(np.float32)
+    fake = _FakeSoundDevice(clip)
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    result = _cli("listen", "-m", str(TINY), "--backend", BACKENDS[0], "-l", "en", "--max-new-tokens", "8",
+                  "--format", "jsonl", *_THREADS)
+    assert result.exit_code == 0, result.output
+    assert fake.opened["samplerate"] == fake.RATE and fake.opened["channels"] == 1
+    assert "listening on Fake mic at 44100 Hz" in result.stderr
+    final = json.loads(result.stdout.splitlines()[-1])
+    assert final["final"] and final["audio_seconds"] > 2.0
+    heard = round(final["audio_seconds"] * fake.RATE)
+    session = _pipe(BACKENDS[0]).stream(language="en", max_new_tokens=8)
+    size = fake.opened["blocksize"]
+    for i in range(0, heard, size):
+        session.feed(clip[i : min(i + size, heard), None], fake.RATE)
+    assert session.finish().text == final["text"]
+
+
+def test_cli_listen_unknown_microphone(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sounddevice", _FakeSoundDevice(np.zeros(1, np.float32)))
+    result = _cli("listen", "-m", str(TINY), "--mic", "USB headset")
+    assert result.exit_code == 3
+    assert "no microphone 'USB headset'" in result.output and "python -m sounddevice" in result.output

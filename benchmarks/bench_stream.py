@@ -18,6 +18,10 @@ Random text also repeats, which exercises the bound on the text prefix.
     python benchmarks/make_checkpoint.py --size 0.6b --out /tmp/qwen3-asr-0.6b-random
     python benchmarks/bench_stream.py --model /tmp/qwen3-asr-0.6b-random --minutes 5 --json /tmp/stream.json
 
+``--modes live`` simulates the microphone at real-time pace instead, as ``mlx-asr listen`` runs it: audio
+piles up while an update runs and the next update decodes all of it (``catch_up``); it reports the lag
+between speech and text, which stays bounded when updates take longer than a chunk.
+
 Exact mode re-encodes everything on every update, so its updates grow with the session; it is stopped
 after an update slower than ``--exact-stop`` seconds (default 30) and reported up to there.
 
@@ -129,6 +133,53 @@ def summarize(mode, rows, chunk_seconds, wall, stopped, stats) -> dict:
     return out
 
 
+def run_live(pipe, audio, args) -> dict:
+    """A live microphone simulated at real-time pace with catch-up, as ``mlx-asr listen`` runs it.
+
+    Audio "arrives" at wall-clock pace in 0.1-s blocks; each read takes everything that arrived since the
+    last one, so audio piles up while an update runs and the session (``catch_up=True``) decodes it in one
+    update. Lag = when an update's text is ready minus when its last sample was spoken.
+    """
+    options = dict(mode="cached", chunk_seconds=args.chunk_seconds, max_new_tokens=args.tokens_per_update)
+    if args.context_seconds is not None:
+        options["context_seconds"] = args.context_seconds or None
+    warm = pipe.stream(language=args.language, **options)
+    warm.feed(audio[: int(2 * args.chunk_seconds * 16000)])
+    warm.finish()
+    session = pipe.stream(language=args.language, catch_up=True, **options)
+    block, sent, rows = 1600, 0, []
+    start = time.perf_counter()
+    while sent < audio.shape[0]:
+        elapsed = time.perf_counter() - start
+        arrived = min(audio.shape[0], int(elapsed * 16000) // block * block)
+        if arrived <= sent:
+            time.sleep(max(0.001, min(0.05, (sent + block) / 16000 - elapsed)))
+            continue
+        for update in session.iter_feed(audio[sent:arrived]):
+            lag = time.perf_counter() - start - update.audio_seconds
+            rows.append(dict(audio=round(update.audio_seconds, 2), seconds=round(update.seconds, 4),
+                             lag=round(lag, 3), prefill_tokens=update.prefill_tokens, rss_mb=round(_rss_mb(), 1)))
+            if not args.quiet and (len(rows) % args.every == 0 or len(rows) == 1):
+                r = rows[-1]
+                print(f"  live   {r['audio']:7.1f} s audio: update {r['seconds']:6.3f} s, lag {r['lag']:6.3f} s, "
+                      f"prefill {r['prefill_tokens']}, rss {r['rss_mb']:.0f} MB", flush=True)
+        sent = arrived
+    lags = [r["lag"] for r in rows]
+    gaps = [b["audio"] - a["audio"] for a, b in zip(rows, rows[1:], strict=False)]
+    half = len(rows) // 2
+    return dict(
+        mode="live (cached, catch-up)", updates=len(rows), audio_seconds=rows[-1]["audio"],
+        median_lag=round(statistics.median(lags), 3), max_lag=round(max(lags), 3),
+        median_lag_first_half=round(statistics.median(lags[:half] or lags), 3),
+        median_lag_second_half=round(statistics.median(lags[half:]), 3),
+        median_audio_per_update=round(statistics.median(gaps), 2) if gaps else None,
+        median_update=round(statistics.median(r["seconds"] for r in rows), 4),
+        rss_mb_max=max(r["rss_mb"] for r in rows),
+        rss_mb_second_half=[min(r["rss_mb"] for r in rows[half:]), max(r["rss_mb"] for r in rows[half:])],
+        stats=dict(vars(session.stats)), rows=rows,
+    )
+
+
 def agreement(pipe, args) -> list[dict]:
     """Cached vs exact mode on the fixture clips: how many updates give the same (language, text)."""
     import numpy as np
@@ -180,7 +231,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quantize", type=int, default=None, help="8 or 4: weight-only quantized LLM")
     parser.add_argument("--minutes", type=float, default=5.0)
-    parser.add_argument("--modes", default="cached,exact")
+    parser.add_argument("--modes", default="cached,exact", help="cached, exact and/or live (real-time pace, catch-up)")
     parser.add_argument("--chunk-seconds", type=float, default=2.0)
     parser.add_argument("--tokens-per-update", type=int, default=13)
     parser.add_argument("--context-seconds", type=float, default=None, help="0: unbounded (default: the mode's)")
@@ -212,7 +263,7 @@ def main() -> int:
           f"{os.getloadavg()[0]:.1f}, rss after load {_rss_mb():.0f} MB", flush=True)
     results = []
     for mode in args.modes.split(","):
-        result = run_mode(pipe, audio, mode, args)
+        result = run_live(pipe, audio, args) if mode == "live" else run_mode(pipe, audio, mode, args)
         results.append(result)
         show = {k: v for k, v in result.items() if k != "rows"}
         print(json.dumps(show, indent=1), flush=True)

@@ -348,7 +348,11 @@ class _Stop:
 
 
 def _file_blocks(path: Path, speed: float, stop: _Stop, block_seconds: float = 0.1):
-    """Blocks of a file at its own sample rate and channels, paced ``speed`` x real time (0: no pacing)."""
+    """Blocks of a file at its own sample rate and channels, paced ``speed`` x real time (0: no pacing).
+
+    Paced, it behaves like a microphone: each read returns everything "recorded" since the last one
+    (whole ``block_seconds`` blocks), so audio piles up while an update is being computed.
+    """
     import time
 
     import soundfile as sf
@@ -360,15 +364,21 @@ def _file_blocks(path: Path, speed: float, stop: _Stop, block_seconds: float = 0
 
         data, rate = load_audio(str(path))[:, None], 16000
     step = max(1, int(rate * block_seconds))
-    start = time.monotonic()
-    for i in range(0, data.shape[0], step):
-        if stop.requested:
-            return
-        if speed > 0:
-            due = start + i / rate / speed
-            while not stop.requested and time.monotonic() < due:
-                time.sleep(min(0.05, due - time.monotonic()))
-        yield data[i : i + step], rate
+    if speed <= 0:
+        for i in range(0, data.shape[0], step):
+            if stop.requested:
+                return
+            yield data[i : i + step], rate
+        return
+    start, sent = time.monotonic(), 0
+    while sent < data.shape[0] and not stop.requested:
+        elapsed = time.monotonic() - start
+        recorded = min(data.shape[0], int(elapsed * rate * speed) // step * step)
+        if recorded <= sent:
+            time.sleep(max(0.001, min(0.05, (sent + step) / rate / speed - elapsed)))
+            continue
+        yield data[sent:recorded], rate
+        sent = recorded
 
 
 class _Microphone:
@@ -396,6 +406,8 @@ class _Microphone:
     def blocks(self, stop: _Stop, block_seconds: float = 0.1):
         import queue
 
+        import numpy as np
+
         blocks: queue.Queue = queue.Queue()
 
         def callback(indata, frames, time_info, status) -> None:
@@ -410,9 +422,12 @@ class _Microphone:
             typer.echo(f"listening on {self.info['name']} at {self.rate} Hz; Ctrl-C to finish", err=True)
             while not stop.requested:
                 try:
-                    yield blocks.get(timeout=0.1), self.rate
+                    pending = [blocks.get(timeout=0.1)]
                 except queue.Empty:
                     continue
+                while not blocks.empty():  # all that arrived during the last update, as one piece
+                    pending.append(blocks.get_nowait())
+                yield np.concatenate(pending), self.rate
         while not blocks.empty():  # what arrived before the stream closed
             yield blocks.get_nowait(), self.rate
 
@@ -445,6 +460,8 @@ def listen(
 
     On a terminal the unfixed end is rewritten in place (dimmed); otherwise each newly fixed piece is
     printed as a line. Ctrl-C finishes: the last audio is decoded and the final transcript printed.
+    When an update takes longer than a chunk (a slow machine), the audio that arrived meanwhile is
+    decoded in one update, so the text keeps up with the speaker instead of falling behind.
     Needs sounddevice (the "mic" extra of mlx-asr) unless --input is given.
 
     Examples:
@@ -468,7 +485,7 @@ def listen(
                                   context_seconds)
         microphone = _Microphone(mic) if input_file is None else None  # fails early, before the model loads
         pipe = _load_pipeline(model, backend, device, dtype, quantize, threads)
-        session = pipe.stream(language=language, context=context, **options)
+        session = pipe.stream(language=language, context=context, catch_up=True, **options)
         printer = _StreamPrinter(sys.stdout, _printer_style(output_format, sys.stdout))
         with _Stop() as stop:
             if microphone is not None:
@@ -487,7 +504,8 @@ def listen(
         if verbose:
             s = session.stats
             typer.echo(f"{s.updates} updates, {final.audio_seconds:.1f} s audio, {s.dropped_seconds:.0f} s dropped "
-                       f"from the context", err=True)
+                       f"from the context, {s.merged_chunks} chunks merged into later updates to keep up",
+                       err=True)
         if output is not None:
             output.write_text(final.text + "\n", encoding="utf-8")
         return 0

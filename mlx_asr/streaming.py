@@ -165,6 +165,7 @@ class StreamStats:
     encoded_frames: int = 0
     prefill_tokens: int = 0
     new_tokens: int = 0
+    merged_chunks: int = 0  # with catch_up: chunks decoded together with a later one (updates saved)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -404,6 +405,11 @@ class StreamingSession:
         max_prefix_tokens: most tokens of text in the decoding prefix; beyond, the oldest text is committed
             even if unfixed. Default: 6 per second of audio in view (144 for 16 s: two windows plus the
             unfinished one); ``None`` when ``context_seconds`` is ``None``.
+        catch_up: when one feed completes several chunks, decode them together in a single update
+            instead of one update per chunk. A live source whose updates take longer than a chunk then
+            keeps up with real time (fewer, longer updates) instead of falling further behind; the
+            fixed text is then the text of the last ``unfixed_chunks`` *updates*. Off by default (the
+            official algorithm); ``mlx-asr listen`` turns it on.
     """
 
     def __init__(
@@ -419,6 +425,7 @@ class StreamingSession:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         context_seconds: float | None | str = "default",
         max_prefix_tokens: int | None | str = "default",
+        catch_up: bool = False,
     ) -> None:
         if mode not in MODES:
             raise AsrError(f"unknown streaming mode {mode!r}; choose cached or exact")
@@ -443,6 +450,7 @@ class StreamingSession:
         self.rollback_tokens = int(rollback_tokens)
         self.max_new_tokens = int(max_new_tokens)
         self.context_seconds = context_seconds
+        self.catch_up = bool(catch_up)
         self.stats = StreamStats()
         self._prompt_text = prompt_text(self.context, self.forced)
         self._pad = self.config.audio_token_id
@@ -492,13 +500,18 @@ class StreamingSession:
         return self._last
 
     def iter_feed(self, samples: Any, sample_rate: int = SAMPLE_RATE) -> Iterator[StreamUpdate]:
-        """Add audio and yield the update of each chunk it completes (none if it completes none)."""
+        """Add audio and yield the update of each chunk it completes (none if it completes none; with
+        ``catch_up``, one update for all the chunks it completes)."""
         if self._finished:
             raise AsrError("this stream is finished; start a new one with pipeline.stream()")
         x = _to_mono(samples)
         self._buffer = np.concatenate([self._buffer, self._resample(x, int(sample_rate))])
         while self._buffer.shape[0] >= self.chunk_samples:
-            chunk, self._buffer = self._buffer[: self.chunk_samples], self._buffer[self.chunk_samples :]
+            take = self.chunk_samples
+            if self.catch_up:
+                take *= self._buffer.shape[0] // self.chunk_samples
+                self.stats.merged_chunks += take // self.chunk_samples - 1
+            chunk, self._buffer = self._buffer[:take], self._buffer[take:]
             yield self._decode(chunk, final=False)
 
     def finish(self) -> StreamUpdate:

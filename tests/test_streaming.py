@@ -514,3 +514,43 @@ def test_cli_listen_unknown_microphone(monkeypatch):
     result = _cli("listen", "-m", str(TINY), "--mic", "USB headset")
     assert result.exit_code == 3
     assert "no microphone 'USB headset'" in result.output and "python -m sounddevice" in result.output
+
+
+def test_catch_up_decodes_the_pending_chunks_of_a_feed_together(one_pipe):
+    """catch_up: one update per feed however many chunks it completes; cached equals exact; the first
+    merged update equals a 4-s-chunk stream's first update."""
+    samples = _audio("long_60s.flac")[: 16000 * 25]
+    seconds = [0.5, 5.0, 1.0, 4.0, 9.5, 5.0]  # completes 0, 2, 1, 2, 5, 2 chunks
+    runs = {}
+    for mode in ("cached", "exact"):
+        session = one_pipe.stream(language="en", mode=mode, catch_up=True, max_new_tokens=MAX_NEW)
+        per_feed, start = [], 0
+        for s in seconds:
+            end = start + int(s * 16000)
+            per_feed.append(list(session.iter_feed(samples[start:end])))
+            start = end
+        runs[mode] = (per_feed, session.finish(), session.stats)
+    per_feed, final, stats = runs["cached"]
+    assert [len(u) for u in per_feed] == [0, 1, 1, 1, 1, 1]
+    assert [u[0].audio_seconds for u in per_feed if u] == [4.0, 6.0, 10.0, 20.0, 24.0]
+    assert stats.merged_chunks == 1 + 1 + 4 + 1 and stats.updates == 6  # 5 updates + the tail at finish
+    exact_feed, exact_final, _ = runs["exact"]
+    assert [[u.text for u in us] for us in per_feed] == [[u.text for u in us] for us in exact_feed]
+    assert final.text == exact_final.text
+    _check_fixed([u for us in per_feed for u in us], final)
+
+    four = one_pipe.stream(language="en", mode="exact", chunk_seconds=4.0, max_new_tokens=MAX_NEW)
+    assert four.feed(samples[: 4 * 16000]).text == exact_feed[1][0].text
+
+
+def test_paced_file_reads_return_what_was_recorded_meanwhile():
+    """--input --realtime/--speed behaves like a microphone: audio piles up while an update runs."""
+    from mlx_asr.cli import _file_blocks, _Stop
+
+    blocks = _file_blocks(AUDIO / "medium_10s.flac", 20.0, _Stop())  # 20x: 2 s of audio per 0.1 s
+    first, rate = next(blocks)
+    time.sleep(0.25)  # an update taking 0.25 s = 5 s of audio at 20x
+    second, _ = next(blocks)
+    assert first.shape[0] < rate and second.shape[0] >= 4 * rate and second.shape[0] % int(rate * 0.1) == 0
+    rest = sum(b.shape[0] for b, _ in blocks)
+    assert first.shape[0] + second.shape[0] + rest == load_audio(AUDIO / "medium_10s.flac").shape[0]

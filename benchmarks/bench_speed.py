@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 AUDIO_10S = ROOT / "tests" / "fixtures" / "audio" / "medium_10s.flac"
 AUDIO_60S = ROOT / "tests" / "fixtures" / "audio" / "long_60s.flac"
-QUANT = {"bf16": None, "int8": 8, "int4": 4}
+QUANT = {"bf16": None, "int8": 8, "int4": 4, "w8a8": "w8a8"}
 STAGES = ("audio", "features", "encoder", "prefill", "decode")
 
 
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="checkpoint folder (repeat for several; default: benchmarks/models/0.6b-random)",
     )
-    ap.add_argument("--configs", default="bf16,int8,int4", help="our weight configs (bf16, int8, int4)")
+    ap.add_argument("--configs", default="bf16,int8,int4", help="our weight configs (bf16, int8, int4, w8a8)")
     ap.add_argument("--official-python", help="python of a venv with qwen-asr==0.0.6 (skipped when not given)")
     ap.add_argument("--audio", default=str(AUDIO_10S))
     ap.add_argument("--tokens", type=int, default=40, help="forced new tokens per transcription")

@@ -229,7 +229,9 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quantize", type=int, default=None, help="8 or 4: weight-only quantized LLM")
+    parser.add_argument(
+        "--quantize", default=None, help="8 or 4: weight-only quantized LLM; w8a8: int8 weights and activations"
+    )
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--modes", default="cached,exact", help="cached, exact and/or live (real-time pace, catch-up)")
     parser.add_argument("--chunk-seconds", type=float, default=2.0)
@@ -249,7 +251,7 @@ def main() -> int:
 
     options = {"threads": args.threads} if args.threads else {}
     if args.quantize:
-        options["quantize"] = args.quantize
+        options["quantize"] = int(args.quantize) if args.quantize.isdigit() else args.quantize
     pipe = AsrPipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                        **options)
     if args.agreement:

@@ -190,8 +190,10 @@ def stress(pipe: AsrPipeline, count: int, language: str | None = None, max_new_t
 
 def format_report(report: dict[str, Any]) -> str:
     """Human-readable form of a speed or accuracy report."""
+    quantize = report.get("quantize")
+    quant = f", {'int' if isinstance(quantize, int) else ''}{quantize}" if quantize else ""
     head = (f"model {report['model']} | backend {report['backend']} on {report['device']}, {report['dtype']}"
-            f"{', int' + str(report['quantize']) if report.get('quantize') else ''} | load {report['load_s']:.2f} s")
+            f"{quant} | load {report['load_s']:.2f} s")
     lines = [head]
     if report["mode"] == "speed":
         lines.append(f"first call {report['first_call_s']:.2f} s, peak RSS {report['peak_rss_mb']:.0f} MB, "

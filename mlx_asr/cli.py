@@ -33,7 +33,12 @@ DtypeOpt = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (def
 LanguageOpt = typer.Option("auto", "--language", "-l", help="auto, a language name (English) or code (en).")
 ContextOpt = typer.Option("", "--context", help="Background text (names, terms) to help recognition.")
 MaxTokensOpt = typer.Option(512, "--max-new-tokens", min=1, help="Most tokens to generate per piece.")
-QuantizeOpt = typer.Option(None, "--quantize", help="Quantize at load: 8 or 4 (LLM bits; mlx: encoder/embeddings 8).")
+QuantizeOpt = typer.Option(
+    None,
+    "--quantize",
+    help="Quantize at load: 8 or 4 (LLM weight bits; mlx: encoder/embeddings 8), or w8a8 (torch on x86 CPUs: "
+    "int8 weights and activations, fastest there).",
+)
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="torch backend: CPU threads.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Per-stage timings on stderr.")
@@ -68,7 +73,7 @@ def _load_pipeline(model: str, backend, device, dtype, quantize=None, threads=No
 
     options: dict[str, Any] = {}
     if quantize is not None:
-        options["quantize"] = quantize
+        options["quantize"] = int(quantize) if quantize.isdigit() else quantize.lower()
     if threads is not None:
         options["threads"] = threads
     return AsrPipeline.from_pretrained(model, backend=backend, device=device, dtype=dtype, **options)
@@ -116,7 +121,7 @@ def transcribe(
     output_format: str = typer.Option("txt", "--format", "-f", help="txt or json."),
     output: Path = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
     normalize: bool = typer.Option(False, "--normalize", help="Apply the benchmark's text normaliser."),
-    quantize: int = QuantizeOpt,
+    quantize: str = QuantizeOpt,
     threads: int = ThreadsOpt,
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
@@ -452,7 +457,7 @@ def listen(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Most tokens decoded per update."),
     output_format: str = typer.Option("txt", "--format", "-f", help="txt or jsonl (every update)."),
     output: Path = typer.Option(None, "--output", "-o", help="Also write the final transcript to this file."),
-    quantize: int = QuantizeOpt,
+    quantize: str = QuantizeOpt,
     threads: int = ThreadsOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -571,7 +576,7 @@ def batch(
     language: str = LanguageOpt,
     context: str = ContextOpt,
     max_new_tokens: int = MaxTokensOpt,
-    quantize: int = QuantizeOpt,
+    quantize: str = QuantizeOpt,
     threads: int = ThreadsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -650,7 +655,7 @@ def benchmark(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     language: str = LanguageOpt,
-    quantize: int = QuantizeOpt,
+    quantize: str = QuantizeOpt,
     threads: int = ThreadsOpt,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:

@@ -62,6 +62,13 @@ def test_json_output_has_metadata(tmp_path):
     assert {"features", "encoder", "prefill", "decode"} <= set(data["timings"]) and data["rtf"] > 0
 
 
+@pytest.mark.parametrize("quantize", ["8", "W8A8"])
+def test_quantize_at_load(quantize):
+    proc = cli("transcribe", "-m", TINY, "-a", SHORT, "--backend", "torch", "--quantize", quantize)
+    assert proc.returncode == 0, err(proc)
+    assert out(proc).strip()
+
+
 def test_stdin_and_several_files():
     proc = cli("transcribe", "-m", TINY, "-a", "-", AUDIO / "short_0p3s.wav", "--max-new-tokens", "4",
                stdin=SHORT.read_bytes())
@@ -195,6 +202,8 @@ ERROR_CASES = [
     ("no audio", ["-m", TINY], 2, "no audio"),
     ("bad format", ["-m", TINY, "-a", SHORT, "--format", "xml"], 2, "txt or json"),
     ("bad dtype", ["-m", TINY, "-a", SHORT, "--dtype", "float64"], 6, "float32"),
+    ("bad quantize", ["-m", TINY, "-a", SHORT, "--backend", "torch", "--quantize", "3"], 6, "8, 4 or w8a8"),
+    ("w8a8 on mlx", ["-m", TINY, "-a", SHORT, "--backend", "mlx", "--quantize", "w8a8"], 6, "torch CPU backend"),
 ]
 
 

@@ -26,7 +26,13 @@ from mlx_asr.backends.torch.compute import native_half_gemm, upcast_wide  # noqa
 from mlx_asr.backends.torch.encoder import Conv2d  # noqa: E402
 from mlx_asr.backends.torch.llm import Decoder, Linear  # noqa: E402
 from mlx_asr.backends.torch.model import load_model  # noqa: E402
-from mlx_asr.backends.torch.quant import Int4Linear, Int8Linear, QuantEmbedding  # noqa: E402
+from mlx_asr.backends.torch.quant import (  # noqa: E402
+    DynamicInt8Linear,
+    Int4Linear,
+    Int8Linear,
+    QuantEmbedding,
+    dynamic_int8_available,
+)
 from mlx_asr.checkpoint import LM_HEAD, open_checkpoint  # noqa: E402
 from mlx_asr.errors import BackendError, ModelError  # noqa: E402
 
@@ -38,7 +44,7 @@ BATCH_TAGS = ["short_2s_wav", "long_60s_wav", "short_0p3s_wav", "short_2s_wav_co
 
 
 @cache
-def _backend(dtype: str = "float32", quantize: int | None = None) -> TorchBackend:
+def _backend(dtype: str = "float32", quantize: int | str | None = None) -> TorchBackend:
     """One backend per configuration for the whole module (loading is cheap, but computed stages are cached)."""
     return TorchBackend(open_checkpoint(TINY), dtype, "cpu", quantize=quantize)
 
@@ -300,6 +306,65 @@ def test_quantized_generate_batch_runs() -> None:
     prompts, embeds = _batch_inputs(backend)
     batch = backend.generate_batch(prompts, embeds, 5, STOP_IDS)
     assert [len(row) for row in batch] == [5] * len(BATCH_TAGS)
+
+
+needs_fbgemm = pytest.mark.skipif(not dynamic_int8_available(), reason="w8a8 needs fbgemm (an x86 PyTorch build)")
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_w8a8_is_close(dtype: str, record_property) -> None:
+    backend = _backend(dtype, "w8a8")
+    layer = backend.decoder.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, DynamicInt8Linear)
+    assert isinstance(layer.mlp.down_proj, DynamicInt8Linear)
+    embed = backend.decoder.model.embed_tokens
+    assert isinstance(embed, QuantEmbedding) and isinstance(embed.head, DynamicInt8Linear)
+    assert backend.audio_tower.layers[0].fc1.weight.dtype == getattr(torch, dtype)
+    # measured: worst cosine 0.99869 (f32) / 0.99876 (bf16), teacher-forced 378/400 / 380/400
+    # (weight-only int8: 0.9996, 384-392/400)
+    _check_low_precision(backend, min_cosine=0.998, min_agreement=0.9, record=record_property)
+
+
+@needs_fbgemm
+def test_w8a8_linear_is_per_token_and_thread_independent() -> None:
+    torch.manual_seed(0)
+    weights = [torch.randn(48, 64) * 0.05, torch.randn(16, 64) * 0.05]
+    linear = DynamicInt8Linear(weights)
+    x = torch.randn(5, 64)
+    x[2] *= 1000.0  # a loud row must not coarsen the others' quantization
+    reference = x @ torch.cat(weights).T
+    y = linear(x)
+    assert y.shape == (5, 64)
+    assert ((y - reference).norm(dim=1) / reference.norm(dim=1)).max() < 0.03
+    for i in range(5):
+        assert torch.equal(linear(x[i : i + 1]), y[i : i + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(linear(x), y)
+    finally:
+        torch.set_num_threads(threads)
+    assert linear(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    assert torch.equal(linear(torch.zeros(1, 64)), torch.zeros(1, 64))
+
+
+@needs_fbgemm
+def test_w8a8_generate_batch_equals_one_by_one() -> None:
+    """Each row is quantized on its own, so batching changes nothing (in float32; bf16 attention itself
+    rounds differently with the batch's padded shapes)."""
+    backend = _backend("float32", "w8a8")
+    prompts, embeds = _batch_inputs(backend)
+    batch = backend.generate_batch(prompts, embeds, 12, STOP_IDS)
+    for prompt, embed, row in zip(prompts, embeds, batch, strict=True):
+        alone = list(backend.generate(prompt, embed, 12, STOP_IDS))
+        assert [s.token for s in row] == [s.token for s in alone]
+
+
+def test_w8a8_is_refused_where_it_cannot_run(monkeypatch) -> None:
+    monkeypatch.setattr("mlx_asr.backends.torch.quant.dynamic_int8_available", lambda: False)
+    with pytest.raises(BackendError, match="w8a8"):
+        TorchBackend(open_checkpoint(TINY), "float32", "cpu", quantize="w8a8")
 
 
 # Loading -----------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ def _policy(quantize: int | str | QuantPolicy | None) -> QuantPolicy | None:
     """The quantization policy for the ``quantize`` option (``None``: keep the checkpoint's weights)."""
     if quantize is None or isinstance(quantize, QuantPolicy):
         return quantize
+    if quantize == "w8a8":
+        raise BackendError("w8a8 (int8 activations) is a mode of the torch CPU backend; MLX quantizes weights: 8 or 4")
     try:
         return QuantPolicy.create(quantize)
     except ModelError as exc:

@@ -37,8 +37,9 @@ class TorchBackend(Backend):
         checkpoint: an opened Qwen3-ASR folder.
         dtype: compute dtype, ``float32``, ``bfloat16`` or ``float16`` (the log-mel is always float32).
         device: ``cpu`` or ``cuda``.
-        quantize: ``8`` or ``4`` for weight-only int8/int4 LLM linears (the output head is int8 then;
-            the audio encoder is not quantized); ``None`` keeps ``dtype`` weights.
+        quantize: ``8`` or ``4`` for weight-only int8/int4 LLM linears, ``"w8a8"`` for int8 weights and
+            int8 activations (fbgemm, x86 CPUs: the fastest mode there; see :mod:`.quant`); the output head
+            is int8 then, the audio encoder is not quantized; ``None`` keeps ``dtype`` weights.
         threads: CPU threads for PyTorch (``torch.set_num_threads``); ``None`` keeps PyTorch's default.
 
     Shared cores: libgomp's default lets idle OpenMP workers spin for milliseconds, so when other busy
@@ -51,13 +52,18 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(
-        self, checkpoint: Checkpoint, dtype: str, device: str, quantize: int | None = None, threads: int | None = None
+        self,
+        checkpoint: Checkpoint,
+        dtype: str,
+        device: str,
+        quantize: int | str | None = None,
+        threads: int | None = None,
     ) -> None:
         super().__init__(checkpoint, dtype, device)
         if dtype not in DTYPES:
             raise BackendError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
         if quantize is not None and quantize not in BITS:
-            raise BackendError(f"quantize must be 8 or 4, not {quantize!r}")
+            raise BackendError(f"quantize must be 8, 4 or w8a8, not {quantize!r}")
         if threads is not None:
             if threads < 1:
                 raise BackendError(f"threads must be at least 1, not {threads}")

@@ -15,7 +15,7 @@ from ...errors import ModelError
 from .compute import release_scratch
 from .encoder import AudioTower
 from .llm import Head, Linear, TextModel
-from .quant import QuantEmbedding, check_bits, quantize_head, quantize_layer
+from .quant import QuantEmbedding, check_bits, finish_packing, quantize_head, quantize_layer
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,7 +119,9 @@ def _quantized_names(thinker: Thinker) -> tuple[list[list[str]], str]:
     return layers, head
 
 
-def _load_quantized(model: Qwen3ASR, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, bits: int):
+def _load_quantized(
+    model: Qwen3ASR, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, bits: int | str
+) -> None:
     """Read the LLM's linear weights and output matrix one layer at a time and quantize them as they come.
 
     Each bf16 layer is read with ``pread`` (not memory-mapped), quantized, then dropped, so the peak memory
@@ -136,12 +138,13 @@ def _load_quantized(model: Qwen3ASR, checkpoint: Checkpoint, dtype: torch.dtype,
         owner = thinker.lm_head if thinker.lm_head is not None else thinker.model.embed_tokens
         owner.weight = reader.read(head, owner.weight.to(dtype=dtype), device)  # the largest first
         del owner  # quantize_head replaces the module: its bf16 matrix must not outlive it
-        quantize_head(thinker)
+        quantize_head(thinker, bits)
         for layer, names in zip(thinker.model.layers, layers, strict=True):
             for linear, name in zip(LAYER_LINEARS, names, strict=True):
                 module = layer.get_submodule(linear)
                 module.weight = reader.read(name, module.weight.to(dtype=dtype), device)
             quantize_layer(layer, bits)
+            release_free_memory()  # the layer's freed float buffers (and fbgemm's packing temporaries)
     finally:
         reader.close()
 
@@ -151,14 +154,14 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     fuse: bool | None = None,
-    quantize: int | None = None,
+    quantize: int | str | None = None,
 ) -> Qwen3ASR:
     """Build the module tree without initialising it and assign the checkpoint's tensors (memory-mapped).
 
     ``fuse``: concatenate the LLM's q/k/v and gate/up weights (~6 % faster decoding, but a copy of
     those weights at load); ``None`` fuses only when the weights were copied anyway (dtype or device
     change), so a checkpoint already in ``dtype`` on the CPU loads without copying anything.
-    ``quantize`` (8 or 4): the LLM's linears (fused) and the output matrix are read layer by layer and
+    ``quantize`` (8, 4 or ``"w8a8"``): the LLM's linears (fused) and the output matrix are read layer by layer and
     quantized as they come (see :mod:`.quant`); ``fuse`` is then ignored.
     A stored ``thinker.lm_head.weight`` is ignored when the embeddings are tied (``embed_tokens`` is the
     output matrix, as in vLLM). Raises :class:`ModelError` when tensors are missing or misshapen.
@@ -185,6 +188,7 @@ def load_model(
     del tensors
     if quantize is not None:
         _load_quantized(model, checkpoint, dtype, device, quantize)
+        finish_packing(model)
         release_scratch()
         release_free_memory()
     model.requires_grad_(False)

@@ -320,6 +320,9 @@ def test_w8a8_is_close(dtype: str, record_property) -> None:
     assert isinstance(layer.mlp.down_proj, DynamicInt8Linear)
     embed = backend.decoder.model.embed_tokens
     assert isinstance(embed, QuantEmbedding) and isinstance(embed.head, DynamicInt8Linear)
+    ids = torch.tensor([0, 42, 151643])  # lookups read the checkpoint's own (memory-mapped) matrix, exactly
+    table = torch.from_numpy(_tiny_tensors()["thinker.model.embed_tokens.weight"])
+    assert torch.equal(embed(ids), table[ids].to(getattr(torch, dtype)))
     assert backend.audio_tower.layers[0].fc1.weight.dtype == getattr(torch, dtype)
     # measured: worst cosine 0.99869 (f32) / 0.99876 (bf16), teacher-forced 378/400 / 380/400
     # (weight-only int8: 0.9996, 384-392/400)

@@ -15,7 +15,7 @@ from ...errors import ModelError
 from .compute import release_scratch
 from .encoder import AudioTower
 from .llm import Head, Linear, TextModel
-from .quant import QuantEmbedding, check_bits, finish_packing, quantize_head, quantize_layer
+from .quant import W8A8, QuantEmbedding, check_bits, finish_packing, quantize_head, quantize_layer
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,6 +87,14 @@ class _TensorReader:
         files = checkpoint.files
         self.handles = [safe_open(str(path), framework="pt", device="cpu", backend="pread") for path in files]
         self.where = {name: handle for handle in self.handles for name in handle.keys()}  # noqa: SIM118
+        self.files = {
+            name: path for path, handle in zip(files, self.handles, strict=True) for name in handle.keys()  # noqa: SIM118
+        }
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` memory-mapped in the checkpoint's dtype: only the pages read become resident."""
+        with safe_open(str(self.files[name]), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name)
 
     def read(self, name: str, like: torch.Tensor, device: torch.device) -> nn.Parameter:
         """Tensor ``name`` as a frozen parameter of ``like``'s shape and dtype on ``device``."""
@@ -138,7 +146,8 @@ def _load_quantized(
         owner = thinker.lm_head if thinker.lm_head is not None else thinker.model.embed_tokens
         owner.weight = reader.read(head, owner.weight.to(dtype=dtype), device)  # the largest first
         del owner  # quantize_head replaces the module: its bf16 matrix must not outlive it
-        quantize_head(thinker, bits)
+        table = reader.mapped(head).to(device) if bits == W8A8 and thinker.lm_head is None else None
+        quantize_head(thinker, bits, table)
         for layer, names in zip(thinker.model.layers, layers, strict=True):
             for linear, name in zip(LAYER_LINEARS, names, strict=True):
                 module = layer.get_submodule(linear)

@@ -139,11 +139,10 @@ class DynamicInt8Linear(nn.Module):
     fbgemm multiplies in integers with int32 sums and returns float32, which is scaled back per row.
     A row's result depends on that row only, so batched and one-by-one decoding agree exactly, and on no
     thread count. The weights are packed on background threads (:func:`finish_packing` waits for them), so
-    that loading goes on meanwhile. ``keep_codes`` also keeps the plain codes and scales, for the embedding
-    lookup of a tied output matrix.
+    that loading goes on meanwhile.
     """
 
-    def __init__(self, weights: Sequence[torch.Tensor], keep_codes: bool = False) -> None:
+    def __init__(self, weights: Sequence[torch.Tensor]) -> None:
         super().__init__()
         self.dtype = torch.float32
         codes, scales = _int8_rows(weights, torch.float32)
@@ -153,9 +152,6 @@ class DynamicInt8Linear(nn.Module):
             qweight = torch._make_per_channel_quantized_tensor(codes, scales.double(), zeros, 0)
         self._packing: Future | None = _packer().submit(qweight)
         self._packed: Any = None
-        if keep_codes:
-            self.register_buffer("weight", codes)
-            self.register_buffer("scales", scales)
 
     @property
     def packed(self) -> Any:
@@ -211,18 +207,22 @@ class Int4Linear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """Tied embedding + output matrix in int8 (per-row scales): lookup and logits.
+    """Tied embedding + output matrix with an int8 output head.
 
-    ``dynamic``: the logits come from a :class:`DynamicInt8Linear` (W8A8), whose fbgemm-packed copy of the
-    matrix comes on top of the plain codes the lookup reads.
+    Weight-only int8 (no ``table``): one int8 matrix (per-row scales) serves the lookup and the logits.
+    W8A8 (``table`` given): the logits come from a :class:`DynamicInt8Linear`, and the lookup reads
+    ``table``, the checkpoint's memory-mapped matrix: only the rows looked up become resident, and exact.
     """
 
-    def __init__(self, weight: torch.Tensor, dynamic: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, table: torch.Tensor | None = None) -> None:
         super().__init__()
         self.dtype = weight.dtype
-        self.head = DynamicInt8Linear([weight], keep_codes=True) if dynamic else Int8Linear([weight])
+        self.table = table
+        self.head = Int8Linear([weight]) if table is None else DynamicInt8Linear([weight])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.table is not None:
+            return F.embedding(ids, self.table).to(self.dtype)
         rows = self.head.weight[ids].to(self.head.dtype) * self.head.scales[ids][..., None]
         return rows.to(self.dtype)
 
@@ -263,12 +263,11 @@ def quantize_layer(layer: nn.Module, bits: int | str) -> None:
     layer.mlp.down_proj = build([layer.mlp.down_proj.weight])
 
 
-def quantize_head(thinker: nn.Module, bits: int | str = 8) -> None:
-    """The output head to int8 (W8A8 in mode ``w8a8``): ``lm_head`` when untied, else the tied embedding
-    (one int8 matrix for both)."""
-    dynamic = bits == W8A8
+def quantize_head(thinker: nn.Module, bits: int | str = 8, table: torch.Tensor | None = None) -> None:
+    """The output head to int8: ``lm_head`` when untied (W8A8 in mode ``w8a8``), else the tied embedding
+    (W8A8 when given ``table``, the memory-mapped matrix its lookups read; see :class:`QuantEmbedding`)."""
     if thinker.lm_head is not None:
         weights = [thinker.lm_head.weight]
-        thinker.lm_head = DynamicInt8Linear(weights) if dynamic else Int8Linear(weights)
+        thinker.lm_head = DynamicInt8Linear(weights) if bits == W8A8 else Int8Linear(weights)
     else:
-        thinker.model.embed_tokens = QuantEmbedding(thinker.model.embed_tokens.weight, dynamic)
+        thinker.model.embed_tokens = QuantEmbedding(thinker.model.embed_tokens.weight, table)

@@ -422,6 +422,19 @@ def test_untied_checkpoint_uses_lm_head(tmp_path: Path) -> None:
     assert rel_err(_first_logits(folder, case), 2.0 * case.tensors["logits_step0"]) <= REL_TOL
 
 
+@needs_fbgemm
+def test_untied_checkpoint_in_w8a8(tmp_path: Path) -> None:
+    case = get_case("short_2s_wav")
+    tensors = _tiny_tensors()
+    tensors[LM_HEAD] = 2.0 * tensors["thinker.model.embed_tokens.weight"]
+    folder = _write_copy(tmp_path / "untied", [tensors], {"tie_word_embeddings": False})
+    backend = TorchBackend(open_checkpoint(folder), "float32", "cpu", quantize="w8a8")
+    assert isinstance(backend.model.thinker.lm_head, DynamicInt8Linear)
+    assert isinstance(backend.decoder.model.embed_tokens, torch.nn.Embedding)  # lookups stay float
+    logits = backend.first_logits(_prompt(case), backend.encode(case.tensors["mel"]))
+    assert _cosine(logits, 2.0 * case.tensors["logits_step0"]) >= 0.998
+
+
 def test_untied_checkpoint_without_lm_head_fails(tmp_path: Path) -> None:
     folder = _write_copy(tmp_path / "nohead", [_tiny_tensors()], {"tie_word_embeddings": False})
     with pytest.raises(ModelError, match="lm_head"):

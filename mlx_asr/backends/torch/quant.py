@@ -10,8 +10,8 @@
   one row 0.11 ms against 0.22 ms bf16 and 0.37 ms weight-only int8; 150 rows 3.5 ms against 8.4 ms
   float32), at the cost of rounding the activations to 7 bits (see :class:`DynamicInt8Linear`). x86 CPU only.
 
-The CPU kernels are fast only with bfloat16 activations (float32 inputs take a path ~10x slower), so
-quantized layers compute in bfloat16 whatever the model dtype and cast the result back. Scales are
+The weight-only CPU kernels are fast only with bfloat16 activations (float32 inputs take a path ~10x
+slower), so those layers compute in bfloat16 whatever the model dtype and cast the result back. Scales are
 rounded to bfloat16 *before* the weights are rounded, so the stored scales are exact.
 Off the CPU (CUDA), int8 weights are dequantized on the fly: it saves memory, not time.
 Every layer takes a list of weights ``[out_i, in]`` and computes their concatenated outputs, so fused
@@ -144,7 +144,6 @@ class DynamicInt8Linear(nn.Module):
 
     def __init__(self, weights: Sequence[torch.Tensor]) -> None:
         super().__init__()
-        self.dtype = torch.float32
         codes, scales = _int8_rows(weights, torch.float32)
         zeros = torch.zeros(codes.shape[0], dtype=torch.long)
         with warnings.catch_warnings():  # quantized tensors are deprecated as a user type, not as fbgemm's input

@@ -15,7 +15,6 @@ from ..base import DTYPES, Backend, Step
 from .features import log_mel
 from .llm import Decoder, KVCache
 from .model import TORCH_DTYPES, load_model
-from .quant import BITS
 
 
 def torch_device(device: str) -> torch.device:
@@ -62,8 +61,6 @@ class TorchBackend(Backend):
         super().__init__(checkpoint, dtype, device)
         if dtype not in DTYPES:
             raise BackendError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
-        if quantize is not None and quantize not in BITS:
-            raise BackendError(f"quantize must be 8, 4 or w8a8, not {quantize!r}")
         if threads is not None:
             if threads < 1:
                 raise BackendError(f"threads must be at least 1, not {threads}")

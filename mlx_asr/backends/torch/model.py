@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,10 +88,11 @@ class _TensorReader:
         self.path = checkpoint.path
         files = checkpoint.files
         self.handles = [safe_open(str(path), framework="pt", device="cpu", backend="pread") for path in files]
-        self.where = {name: handle for handle in self.handles for name in handle.keys()}  # noqa: SIM118
-        self.files = {
-            name: path for path, handle in zip(files, self.handles, strict=True) for name in handle.keys()  # noqa: SIM118
-        }
+        self.where: dict[str, Any] = {}  # tensor name -> its file's pread handle
+        self.files: dict[str, Path] = {}  # tensor name -> its file (for memory-mapped reads)
+        for path, handle in zip(files, self.handles, strict=True):
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                self.where[name], self.files[name] = handle, path
 
     def mapped(self, name: str) -> torch.Tensor:
         """Tensor ``name`` memory-mapped in the checkpoint's dtype: only the pages read become resident."""
@@ -146,7 +149,7 @@ def _load_quantized(
         owner = thinker.lm_head if thinker.lm_head is not None else thinker.model.embed_tokens
         owner.weight = reader.read(head, owner.weight.to(dtype=dtype), device)  # the largest first
         del owner  # quantize_head replaces the module: its bf16 matrix must not outlive it
-        table = reader.mapped(head).to(device) if bits == W8A8 and thinker.lm_head is None else None
+        table = reader.mapped(head) if bits == W8A8 and thinker.lm_head is None else None
         quantize_head(thinker, bits, table)
         for layer, names in zip(thinker.model.layers, layers, strict=True):
             for linear, name in zip(LAYER_LINEARS, names, strict=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,42 @@ def encoder_windows(num_frames: int, audio: AudioEncoderConfig) -> list[int]:
     window = _conv_out_len(longest_chunk) * audio.window_chunks
     bounds = list(range(0, total, window)) + [total]
     return bounds if total else [0]
+
+
+Run = tuple[int, int, int]  # (first token, number of windows, window width): consecutive equal-width windows
+
+
+def window_runs(bounds: Sequence[int], offset: int = 0) -> list[Run]:
+    """Group attention windows (``encoder_windows`` bounds) into runs of consecutive equal-width windows.
+
+    The encoder's attention then runs once per run on a view of the unpadded tokens, while its linears see
+    every token once: no padded last window and no mask (a 10 s clip has 131 tokens, one padded
+    two-window layout 208). ``offset`` shifts the runs (several recordings encoded together).
+    """
+    runs: list[Run] = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=False):
+        width = end - start
+        if runs and runs[-1][2] == width:
+            first, count, _ = runs[-1]
+            runs[-1] = (first, count + 1, width)
+        else:
+            runs.append((offset + start, 1, width))
+    return runs
+
+
+def batch_runs(frames: Sequence[int], audio: AudioEncoderConfig, max_tokens: int) -> list[tuple[list[int], list[Run]]]:
+    """Recordings of ``frames`` mel frames each, encoded together: groups of consecutive recordings of at
+    most ``max_tokens`` audio tokens (a longer recording alone), each with its windows' runs over the
+    group's concatenated tokens."""
+    groups: list[tuple[list[int], list[Run]]] = []
+    used = max_tokens
+    for index, count in enumerate(frames):
+        tokens = num_audio_tokens(count, audio.chunk_frames)
+        if used + tokens > max_tokens:
+            groups.append(([], []))
+            used = 0
+        members, runs = groups[-1]
+        members.append(index)
+        runs += window_runs(encoder_windows(count, audio), used)
+        used += tokens
+    return groups

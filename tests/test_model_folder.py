@@ -11,7 +11,7 @@ from conftest import TINY
 
 from mlx_asr.checkpoint import open_checkpoint
 from mlx_asr.chunking import split_audio
-from mlx_asr.config import encoder_windows, load_config, num_audio_tokens
+from mlx_asr.config import batch_runs, encoder_windows, load_config, num_audio_tokens, window_runs
 from mlx_asr.errors import ModelError
 from mlx_asr.info import describe, format_description
 
@@ -37,6 +37,23 @@ def test_config_values_come_from_the_file():
 def test_audio_tokens_and_windows(frames, tokens, windows):
     assert num_audio_tokens(frames) == tokens
     assert encoder_windows(frames, load_config(TINY).audio) == windows
+
+
+def test_window_runs_group_equal_windows():
+    assert window_runs([0, 104, 208, 312, 332]) == [(0, 3, 104), (312, 1, 20)]
+    assert window_runs([0, 27], offset=50) == [(50, 1, 27)]
+    assert window_runs([0]) == []
+
+
+def test_batch_runs_group_recordings_up_to_a_token_budget():
+    audio = load_config(TINY).audio
+    # 132, 27, 104 and 780 tokens; budget 260: [132 + 27], [104], then 780 alone (longer than the budget)
+    groups = batch_runs([1013, 208, 800, 6000], audio, 260)
+    assert [members for members, _ in groups] == [[0, 1], [2], [3]]
+    assert groups[0][1] == [(0, 1, 104), (104, 1, 28), (132, 1, 27)]
+    assert groups[1][1] == [(0, 1, 104)]
+    assert groups[2][1] == [(0, 7, 104), (728, 1, 52)]
+    assert batch_runs([], audio, 260) == []
 
 
 def test_checkpoint_description():

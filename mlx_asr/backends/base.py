@@ -48,6 +48,10 @@ class Backend(ABC):
     def encode(self, mel: Any) -> Any:
         """Audio embeddings ``[N_a, hidden]``: audio tower (windowed attention) then projector."""
 
+    def encode_batch(self, mels: Sequence[Any]) -> list[Any]:
+        """:meth:`encode` of several log-mels; backends share the encoder's matrix products between them."""
+        return [self.encode(mel) for mel in mels]
+
     @abstractmethod
     def generate(
         self,

@@ -90,6 +90,12 @@ class MlxBackend(Backend):
     def encode(self, mel: Any) -> mx.array:
         return _queued(self.audio_tower(mx.array(mel) if isinstance(mel, np.ndarray) else mel))
 
+    def encode_batch(self, mels: Sequence[Any]) -> list[mx.array]:
+        arrays = [mx.array(m) if isinstance(m, np.ndarray) else m for m in mels]
+        embeds = self.audio_tower.encode_batch(arrays)
+        mx.async_eval(*embeds)
+        return embeds
+
     def embed_prompt(self, prompt_ids: Sequence[int], audio_embeds: mx.array) -> mx.array:
         """Prompt embeddings ``[L, hidden]`` with the audio rows in the ``<|audio_pad|>`` slots."""
         embed_tokens = self.decoder.model.embed_tokens
@@ -123,10 +129,7 @@ class MlxBackend(Backend):
         return _queued(self.audio_tower.stem(padded)[: num_audio_tokens(frames, size)])
 
     def encode_window(self, stems: Sequence[Any]) -> mx.array:
-        h = mx.concatenate(list(stems))[None]
-        for layer in self.audio_tower.layers:
-            h = layer(h, None)
-        return _queued(self.audio_tower.project(h[0]))
+        return _queued(self.audio_tower.encode_window(list(stems)))
 
     def _embeds(self, prompt_ids: Sequence[int], audio_embeds: Any | None) -> mx.array:
         if audio_embeds is not None:

@@ -12,11 +12,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ...config import AudioEncoderConfig, encoder_windows, num_audio_tokens
+from ...config import AudioEncoderConfig, Run, batch_runs, encoder_windows, num_audio_tokens, window_runs
 
 LAYER_NORM_EPS = 1e-5
 FP16_CLAMP = 65504.0 - 1000.0
 CONV_BATCH = 500  # chunks per conv-stem batch (the official ``conv_chunksize``): bounds peak memory
+ENCODE_BATCH_TOKENS = 4096  # most audio tokens of several recordings run through the layers together
 
 
 def sinusoids(length: int, channels: int) -> np.ndarray:
@@ -28,7 +29,7 @@ def sinusoids(length: int, channels: int) -> np.ndarray:
 
 
 class AudioAttention(nn.Module):
-    """Bidirectional multi-head self-attention with biases, restricted by a key mask."""
+    """Bidirectional multi-head self-attention with biases, within attention windows of the unpadded tokens."""
 
     def __init__(self, dims: int, heads: int) -> None:
         super().__init__()
@@ -39,15 +40,17 @@ class AudioAttention(nn.Module):
         self.v_proj = nn.Linear(dims, dims)
         self.out_proj = nn.Linear(dims, dims)
 
-    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        batch, length, dims = x.shape
-
-        def split(t: mx.array) -> mx.array:
-            return t.reshape(batch, length, self.heads, -1).transpose(0, 2, 1, 3)
-
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, dims))
+    def __call__(self, x: mx.array, runs: list[Run]) -> mx.array:
+        """``x [N, dims]``; ``runs``: the windows (see :func:`~mlx_asr.config.window_runs`), covering ``0..N``."""
+        n, dims = x.shape
+        q, k, v = (proj(x).reshape(n, self.heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        outs = []
+        for start, count, width in runs:
+            part = (t[start : start + count * width].reshape(count, width, self.heads, -1).transpose(0, 2, 1, 3)
+                    for t in (q, k, v))
+            out = mx.fast.scaled_dot_product_attention(*part, scale=self.scale)
+            outs.append(out.transpose(0, 2, 1, 3).reshape(count * width, dims))
+        return self.out_proj(outs[0] if len(outs) == 1 else mx.concatenate(outs))
 
 
 class EncoderLayer(nn.Module):
@@ -61,8 +64,8 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
         self.final_layer_norm = nn.LayerNorm(cfg.d_model, eps=LAYER_NORM_EPS)
 
-    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), mask)
+    def __call__(self, x: mx.array, runs: list[Run]) -> mx.array:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), runs)
         x = x + self.fc2(nn.gelu(self.fc1(self.final_layer_norm(x))))
         if x.dtype == mx.float16:
             x = mx.clip(x, -FP16_CLAMP, FP16_CLAMP)
@@ -122,15 +125,19 @@ class AudioTower(nn.Module):
         total = num_audio_tokens(mel.shape[1], self.cfg.chunk_frames)
         return h.reshape(-1, h.shape[-1])[:total]
 
+    def layers_over(self, h: mx.array, runs: list[Run], states: list[mx.array] | None = None) -> mx.array:
+        """Transformer layers over conv-stem rows ``[N, d_model]`` (before ``ln_post``); optionally records states."""
+        for layer in self.layers:
+            h = layer(h, runs)
+            if states is not None:
+                states.append(h)
+        return h
+
     def hidden_states(self, mel: mx.array) -> list[mx.array]:
         """Conv-stem output then the output of every encoder layer, each ``[N_a, d_model]``."""
         h = self.stem(mel)
-        bounds = encoder_windows(mel.shape[1], self.cfg)
-        windows, mask = _to_windows(h, bounds)
         states = [h]
-        for layer in self.layers:
-            windows = layer(windows, mask)
-            states.append(windows.reshape(-1, h.shape[-1])[: h.shape[0]])
+        self.layers_over(h, window_runs(encoder_windows(mel.shape[1], self.cfg)), states)
         return states
 
     def project(self, h: mx.array) -> mx.array:
@@ -145,17 +152,20 @@ class AudioTower(nn.Module):
 
     def __call__(self, mel: mx.array) -> mx.array:
         """Audio embeddings ``[N_a, output_dim]`` of a ``[n_mels, T]`` log-mel."""
-        return self.project(self.hidden_states(mel)[-1])
+        return self.encode_batch([mel])[0]
 
+    def encode_batch(self, mels: list[mx.array]) -> list[mx.array]:
+        """Audio embeddings of several log-mels ``[n_mels, T_i]``: their tokens share every linear's matrix
+        product (up to :data:`ENCODE_BATCH_TOKENS` at a time); attention stays within each window."""
+        out: list[mx.array] = []
+        for members, runs in batch_runs([mel.shape[1] for mel in mels], self.cfg, ENCODE_BATCH_TOKENS):
+            stems = [self.stem(mels[i]) for i in members]
+            h = self.project(self.layers_over(mx.concatenate(stems) if len(stems) > 1 else stems[0], runs))
+            ends = np.cumsum([s.shape[0] for s in stems])[:-1].tolist()
+            out += mx.split(h, ends) if ends else [h]
+        return out
 
-def _to_windows(h: mx.array, bounds: list[int]) -> tuple[mx.array, mx.array | None]:
-    """Pack ``[N, d]`` into attention windows ``[W, size, d]`` plus a key mask for the padded tail."""
-    total = h.shape[0]
-    size = bounds[1] - bounds[0] if len(bounds) > 1 else total
-    count = len(bounds) - 1
-    padding = count * size - total
-    if padding == 0:
-        return h.reshape(count, size, -1), None
-    h = mx.pad(h, [(0, padding), (0, 0)])
-    valid = mx.arange(count * size).reshape(count, 1, 1, size) < total
-    return h.reshape(count, size, -1), valid
+    def encode_window(self, stems: list[mx.array]) -> mx.array:
+        """Embeddings of conv-stem rows that make up one attention window (cached streaming)."""
+        h = mx.concatenate(stems)
+        return self.project(self.layers_over(h, [(0, 1, h.shape[0])]))

@@ -81,6 +81,10 @@ class TorchBackend(Backend):
         return self.audio_tower(torch.as_tensor(mel, device=self.torch_device))
 
     @torch.inference_mode()
+    def encode_batch(self, mels: Sequence[Any]) -> list[torch.Tensor]:
+        return self.audio_tower.encode_batch([torch.as_tensor(m, device=self.torch_device) for m in mels])
+
+    @torch.inference_mode()
     def embed_prompt(self, prompt_ids: Sequence[int], audio_embeds: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings ``[L, hidden]`` with the audio rows in the ``<|audio_pad|>`` slots, in order."""
         ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=self.torch_device)
@@ -144,10 +148,7 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def encode_window(self, stems: Sequence[Any]) -> torch.Tensor:
-        h = torch.cat([torch.as_tensor(s) for s in stems])[None]
-        for layer in self.audio_tower.layers:
-            h = layer(h, None)
-        return self.audio_tower.project(h[0])
+        return self.audio_tower.encode_window([torch.as_tensor(s) for s in stems])
 
     @torch.inference_mode()
     def _embeds(self, prompt_ids: Sequence[int], audio_embeds: Any | None) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import AudioEncoderConfig, encoder_windows, num_audio_tokens
+from ...config import AudioEncoderConfig, Run, batch_runs, encoder_windows, num_audio_tokens, window_runs
 from .compute import slow_half
 from .llm import Linear
 
@@ -16,6 +16,7 @@ from .llm import Linear
 # (4 chunks: 12 MB per bf16 activation at 480 channels); GPUs want the official conv_chunksize.
 CONV_BATCH = {"cpu": 4, "cuda": 500}
 FP16_CLAMP = 65504.0 - 1000.0  # the official encoder clamps float16 activations to this range
+ENCODE_BATCH_TOKENS = 4096  # most audio tokens of several recordings run through the layers together
 
 
 def sinusoids(length: int, channels: int, device: torch.device | None = None) -> torch.Tensor:
@@ -28,7 +29,7 @@ def sinusoids(length: int, channels: int, device: torch.device | None = None) ->
 
 
 class EncoderAttention(nn.Module):
-    """Multi-head self-attention with biases, run on a batch of attention windows."""
+    """Multi-head self-attention with biases, within attention windows of the unpadded tokens."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -38,16 +39,16 @@ class EncoderAttention(nn.Module):
         self.v_proj = Linear(dim, dim)
         self.out_proj = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """``x [windows, W, dim]``; ``mask [windows, 1, 1, W]`` (True = key is real) or ``None``."""
-        b, w, d = x.shape
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, w, self.heads, d // self.heads).transpose(1, 2)
-
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(out.transpose(1, 2).reshape(b, w, d))
+    def forward(self, x: torch.Tensor, runs: list[Run]) -> torch.Tensor:
+        """``x [N, dim]``; ``runs``: the windows (see :func:`~mlx_asr.config.window_runs`), covering ``0..N``."""
+        n, d = x.shape
+        q, k, v = (proj(x).view(n, self.heads, d // self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        outs = []
+        for start, count, width in runs:
+            part = (t[start : start + count * width].unflatten(0, (count, width)).transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(*part)
+            outs.append(out.transpose(1, 2).reshape(count * width, d))
+        return self.out_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
 
 class EncoderLayer(nn.Module):
@@ -62,8 +63,8 @@ class EncoderLayer(nn.Module):
         self.fc2 = Linear(cfg.encoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d, eps=1e-5)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), mask)
+    def forward(self, x: torch.Tensor, runs: list[Run]) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), runs)
         x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
         if x.dtype == torch.float16:
             x = x.clamp(-FP16_CLAMP, FP16_CLAMP)
@@ -130,34 +131,20 @@ class AudioTower(nn.Module):
         h = h + sinusoids(h.shape[1], h.shape[2], h.device).to(h.dtype)
         return h.reshape(-1, h.shape[2])[: num_audio_tokens(mel.shape[1], self.cfg.chunk_frames)]
 
-    def _windows(self, x: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tokens ``[N_a, d]`` -> padded attention windows ``[n, W, d]`` and their key mask."""
-        bounds = encoder_windows(frames, self.cfg)
-        width, count, total = bounds[1], len(bounds) - 1, x.shape[0]
-        if count * width == total:
-            return x.view(count, width, -1), None
-        windows = F.pad(x, (0, 0, 0, count * width - total)).view(count, width, -1)
-        lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)], device=x.device)
-        mask = torch.arange(width, device=x.device)[None, :] < lengths[:, None]
-        return windows, mask[:, None, None, :]
-
-    def _layers(self, mel: torch.Tensor, states: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Conv stem and Transformer layers: ``[N_a, d_model]`` before ``ln_post``; optionally records states."""
-        x = self.conv_stem(mel)
-        total = x.shape[0]
-        windows, mask = self._windows(x, mel.shape[1])
+    def _layers(self, x: torch.Tensor, runs: list[Run], states: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Transformer layers over conv-stem rows ``[N, d_model]`` (before ``ln_post``); optionally records states."""
         if states is not None:
             states.append(x)
         for layer in self.layers:
-            windows = layer(windows, mask)
+            x = layer(x, runs)
             if states is not None:
-                states.append(windows.reshape(-1, windows.shape[2])[:total])
-        return windows.reshape(-1, windows.shape[2])[:total]
+                states.append(x)
+        return x
 
     def hidden_states(self, mel: torch.Tensor) -> list[torch.Tensor]:
         """The conv stem output then each layer's output, every one ``[N_a, d_model]`` (before ``ln_post``)."""
         states: list[torch.Tensor] = []
-        self._layers(mel, states)
+        self._layers(self.conv_stem(mel), window_runs(encoder_windows(mel.shape[1], self.cfg)), states)
         return states
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
@@ -171,4 +158,19 @@ class AudioTower(nn.Module):
         return h
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.project(self._layers(mel))
+        return self.encode_batch([mel])[0]
+
+    def encode_batch(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Audio embeddings of several mels ``[n_mels, T_i]`` at once: their tokens share every linear's
+        matrix product (up to :data:`ENCODE_BATCH_TOKENS` at a time); attention stays within each window."""
+        out: list[torch.Tensor] = []
+        for members, runs in batch_runs([mel.shape[1] for mel in mels], self.cfg, ENCODE_BATCH_TOKENS):
+            stems = [self.conv_stem(mels[i]) for i in members]
+            x = torch.cat(stems) if len(stems) > 1 else stems[0]
+            out += self.project(self._layers(x, runs)).split([s.shape[0] for s in stems])
+        return out
+
+    def encode_window(self, stems: list[torch.Tensor]) -> torch.Tensor:
+        """Embeddings of conv-stem rows that make up one attention window (cached streaming)."""
+        x = torch.cat(stems)
+        return self.project(self._layers(x, [(0, 1, x.shape[0])]))

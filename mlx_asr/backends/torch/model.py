@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,17 +81,19 @@ def release_free_memory() -> None:
 
 
 class _TensorReader:
-    """Reads single tensors with ``pread`` instead of a memory map, so their memory goes when they do."""
+    """Reads single tensors of a (sharded) checkpoint, each through its own memory map.
+
+    A tensor's pages come from the page cache without a copy and are unmapped when the tensor is freed,
+    so the quantizing load holds one layer of float weights at a time. Measured against ``pread`` into
+    fresh buffers (0.6B, w8a8): 0.9 -> 0.7 M page faults, load ~5 % faster, the same peak RSS.
+    """
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.path = checkpoint.path
-        files = checkpoint.files
-        self.handles = [safe_open(str(path), framework="pt", device="cpu", backend="pread") for path in files]
-        self.where: dict[str, Any] = {}  # tensor name -> its file's pread handle
-        self.files: dict[str, Path] = {}  # tensor name -> its file (for memory-mapped reads)
-        for path, handle in zip(files, self.handles, strict=True):
-            for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-                self.where[name], self.files[name] = handle, path
+        self.files: dict[str, Path] = {}  # tensor name -> its file
+        for path in checkpoint.files:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                self.files.update(dict.fromkeys(handle.keys(), path))
 
     def mapped(self, name: str) -> torch.Tensor:
         """Tensor ``name`` memory-mapped in the checkpoint's dtype: only the pages read become resident."""
@@ -101,17 +102,13 @@ class _TensorReader:
 
     def read(self, name: str, like: torch.Tensor, device: torch.device) -> nn.Parameter:
         """Tensor ``name`` as a frozen parameter of ``like``'s shape and dtype on ``device``."""
-        tensor = self.where[name].get_tensor(name)
+        tensor = self.mapped(name)
         if tuple(tensor.shape) != tuple(like.shape):
             raise ModelError(
                 f"{self.path}: weights do not fit the config ({name}: shape {list(tensor.shape)} in the checkpoint, "
                 f"{list(like.shape)} expected)"
             )
         return nn.Parameter(tensor.to(device=device, dtype=like.dtype), requires_grad=False)
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.__exit__(None, None, None)
 
 
 LAYER_LINEARS = (
@@ -135,30 +132,27 @@ def _load_quantized(
 ) -> None:
     """Read the LLM's linear weights and output matrix one layer at a time and quantize them as they come.
 
-    Each bf16 layer is read with ``pread`` (not memory-mapped), quantized, then dropped, so the peak memory
-    is the quantized model plus one layer (or the embedding table), not the whole bf16 LLM.
+    Each bf16 layer is mapped, quantized, then dropped, so the peak memory is the quantized model plus one
+    layer (or the embedding table), not the whole bf16 LLM.
     """
     thinker = model.thinker
     layers, head = _quantized_names(thinker)
     reader = _TensorReader(checkpoint)
-    try:
-        missing = [n for n in [head, *(n for names in layers for n in names)] if n not in reader.where]
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise ModelError(f"{checkpoint.path}: weights lack {', '.join(missing[:3])}{more}")
-        owner = thinker.lm_head if thinker.lm_head is not None else thinker.model.embed_tokens
-        owner.weight = reader.read(head, owner.weight.to(dtype=dtype), device)  # the largest first
-        del owner  # quantize_head replaces the module: its bf16 matrix must not outlive it
-        table = reader.mapped(head) if bits == W8A8 and thinker.lm_head is None else None
-        quantize_head(thinker, bits, table)
-        for layer, names in zip(thinker.model.layers, layers, strict=True):
-            for linear, name in zip(LAYER_LINEARS, names, strict=True):
-                module = layer.get_submodule(linear)
-                module.weight = reader.read(name, module.weight.to(dtype=dtype), device)
-            quantize_layer(layer, bits)
-            release_free_memory()  # the layer's freed float buffers (and fbgemm's packing temporaries)
-    finally:
-        reader.close()
+    missing = [n for n in [head, *(n for names in layers for n in names)] if n not in reader.files]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelError(f"{checkpoint.path}: weights lack {', '.join(missing[:3])}{more}")
+    owner = thinker.lm_head if thinker.lm_head is not None else thinker.model.embed_tokens
+    owner.weight = reader.read(head, owner.weight.to(dtype=dtype), device)  # the largest first
+    del owner  # quantize_head replaces the module: its bf16 matrix must not outlive it
+    table = reader.mapped(head) if bits == W8A8 and thinker.lm_head is None else None
+    quantize_head(thinker, bits, table)
+    for layer, names in zip(thinker.model.layers, layers, strict=True):
+        for linear, name in zip(LAYER_LINEARS, names, strict=True):
+            module = layer.get_submodule(linear)
+            module.weight = reader.read(name, module.weight.to(dtype=dtype), device)
+        quantize_layer(layer, bits)
+        release_free_memory()  # the layer's freed float buffers (and fbgemm's packing temporaries)
 
 
 def load_model(

@@ -5,7 +5,9 @@ for ~300 000 iterations (milliseconds) before it sleeps. On idle cores that save
 region; but when other processes share the cores, the spinning workers take CPU from our own main thread
 and from the other processes, and every parallel region then waits for a descheduled worker. Measured on
 2 shared cores (0.6B, int8): decoding went from ~26 ms/token on idle cores to 200-1500 ms/token while other
-jobs ran, against 75-100 ms/token with short spinning; quantizing at load time was 5x slower.
+jobs ran, against 75-100 ms/token with short spinning; quantizing at load time was 5x slower. The price on
+idle cores (w8a8 decode-only loop): 48-56 ms/token at 1000 spins, 42-45 ms at 10000; beside another PyTorch
+process, 69-79 ms at 1000 and 85-159 ms at 10000.
 
 So, unless the user chose a policy (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` in the environment), the torch
 backend sets ``GOMP_SPINCOUNT`` to :data:`SPIN_COUNT` before PyTorch loads. It only works if PyTorch was not

@@ -92,6 +92,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """NeoX RoPE of ``x [B, heads, S, D]`` with ``cos``/``sin`` ``[B, 1, S, D]``."""
+    cos, sin = rope
+    return x * cos + rotate_half(x) * sin
+
+
 class Attention(nn.Module):
     """Qwen3 GQA attention: q/k RMSNorm per head before NeoX RoPE, no biases."""
 
@@ -109,15 +115,31 @@ class Attention(nn.Module):
         self.fused = False
 
     def fuse(self, build: Builder = fused_linear) -> None:
-        """Replace ``q_proj``/``k_proj``/``v_proj`` by one ``qkv_proj`` made by ``build`` (one matmul per step)."""
+        """Replace ``q_proj``/``k_proj``/``v_proj`` by one ``qkv_proj`` made by ``build`` (one matmul per step).
+
+        q and k heads then also share one RMSNorm (their weights as a per-head table) and one RoPE, as they
+        take the same positions: about 30 fewer small kernels per layer and decoding step.
+        """
         self.qkv_proj = build([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         del self.q_proj, self.k_proj, self.v_proj
+        d = self.head_dim
+        weights = (self.q_norm.weight.expand(self.heads, d), self.k_norm.weight.expand(self.kv_heads, d))
+        self.register_buffer("qk_norm_weight", torch.cat(weights), persistent=False)
         self.fused = True
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Normed, rotated ``q`` ``[B, heads, S, D]`` and ``k``, and ``v`` ``[B, kv_heads, S, D]``."""
+        b, s, _ = x.shape
         if self.fused:
-            return self.qkv_proj(x).split(self.sizes, dim=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            qk, v = self.qkv_proj(x).split([self.sizes[0] + self.sizes[1], self.sizes[2]], dim=-1)
+            qk = qk.reshape(b, s, self.heads + self.kv_heads, self.head_dim)
+            normed = F.rms_norm(qk.float(), (self.head_dim,), eps=self.q_norm.eps).to(qk.dtype)
+            q, k = _rotate((normed * self.qk_norm_weight).transpose(1, 2), rope).split([self.heads, self.kv_heads], 1)
+        else:
+            q = self.q_norm(self.q_proj(x).view(b, s, self.heads, self.head_dim)).transpose(1, 2)
+            k = self.k_norm(self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)).transpose(1, 2)
+            q, k, v = _rotate(q, rope), _rotate(k, rope), self.v_proj(x)
+        return q, k, v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -127,14 +149,7 @@ class Attention(nn.Module):
         layer: int,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        b, s, _ = x.shape
-        q, k, v = self._qkv(x)
-        q = self.q_norm(q.view(b, s, self.heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(k.view(b, s, self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k, v = self._qkv(x, rope)
         keys, values = cache.update(layer, k, v)
         return self.o_proj(self._attend(q, keys, values, mask))
 

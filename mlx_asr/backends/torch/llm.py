@@ -16,8 +16,13 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 BATCH_PREFILL_TOKENS = 4096  # at most this many (padded) prompt tokens prefilled in one forward pass
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3 RMSNorm over the last axis: normalise in float32, cast back to ``x``'s dtype, scale by ``weight``."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
-    """Qwen3 RMSNorm: normalise in float32, cast back to the input dtype, then scale by the weight."""
+    """Qwen3 RMSNorm (:func:`rms_norm`) with its learned weight."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -25,8 +30,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * y.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Linear(nn.Linear):
@@ -105,7 +109,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.sizes = [q_dim, kv_dim, kv_dim]
+        self.sizes = [q_dim + kv_dim, kv_dim]  # the fused output: q and k heads, then v
         self.q_proj = Linear(cfg.hidden_size, q_dim, bias=False)
         self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=False)
         self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=False)
@@ -131,10 +135,9 @@ class Attention(nn.Module):
         """Normed, rotated ``q`` ``[B, heads, S, D]`` and ``k``, and ``v`` ``[B, kv_heads, S, D]``."""
         b, s, _ = x.shape
         if self.fused:
-            qk, v = self.qkv_proj(x).split([self.sizes[0] + self.sizes[1], self.sizes[2]], dim=-1)
-            qk = qk.reshape(b, s, self.heads + self.kv_heads, self.head_dim)
-            normed = F.rms_norm(qk.float(), (self.head_dim,), eps=self.q_norm.eps).to(qk.dtype)
-            q, k = _rotate((normed * self.qk_norm_weight).transpose(1, 2), rope).split([self.heads, self.kv_heads], 1)
+            qk, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+            qk = rms_norm(qk.reshape(b, s, -1, self.head_dim), self.qk_norm_weight, self.q_norm.eps)
+            q, k = _rotate(qk.transpose(1, 2), rope).split([self.heads, self.kv_heads], 1)
         else:
             q = self.q_norm(self.q_proj(x).view(b, s, self.heads, self.head_dim)).transpose(1, 2)
             k = self.k_norm(self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)).transpose(1, 2)

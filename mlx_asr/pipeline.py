@@ -202,14 +202,22 @@ class AsrPipeline:
 
     def encode(self, samples: np.ndarray, timings: Timings) -> Any:
         """Log-mel then audio tower of 16 kHz samples, timed into ``timings``."""
+        return self.encode_batch([samples], [timings])[0]
+
+    def encode_batch(self, clips: Sequence[np.ndarray], timings: Sequence[Timings]) -> list[Any]:
+        """:meth:`encode` of several clips; they share the encoder's matrix products, whose time is split
+        evenly between their ``timings``."""
+        mels = []
+        for samples, t in zip(clips, timings, strict=True):
+            t0 = time.perf_counter()
+            mels.append(self.backend.log_mel(samples))
+            self.backend.synchronize()
+            t.features += time.perf_counter() - t0
         t0 = time.perf_counter()
-        mel = self.backend.log_mel(samples)
+        embeds = self.backend.encode_batch(mels)
         self.backend.synchronize()
-        t1 = time.perf_counter()
-        embeds = self.backend.encode(mel)
-        self.backend.synchronize()
-        timings.features += t1 - t0
-        timings.encoder += time.perf_counter() - t1
+        for t in timings:
+            t.encoder += (time.perf_counter() - t0) / len(clips)
         return embeds
 
     def _transcribe_samples(
@@ -313,17 +321,7 @@ class AsrPipeline:
 
     def _decode_together(self, loaded, forced, context, max_new_tokens, min_new_tokens):
         timings = [Timings(audio=seconds) for _, _, seconds in loaded]
-        mels = []
-        for (_, samples, _), t in zip(loaded, timings, strict=True):
-            t0 = time.perf_counter()
-            mels.append(self.backend.log_mel(samples))
-            self.backend.synchronize()
-            t.features = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        embeds = self.backend.encode_batch(mels)  # the clips share the encoder's matrix products
-        self.backend.synchronize()
-        for t in timings:
-            t.encoder = (time.perf_counter() - t0) / len(loaded)
+        embeds = self.encode_batch([samples for _, samples, _ in loaded], timings)
         prompts = [self._prompt(samples, forced, context) for _, samples, _ in loaded]
         t0 = time.perf_counter()
         outputs = self.backend.generate_batch(prompts, embeds, max_new_tokens, STOP_IDS, min_new_tokens)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CASES, TINY, Case, get_case, rel_err
+from conftest import CASES, TINY, Case, check_encode_batch, get_case, rel_err
 from safetensors.numpy import load_file, save_file
 
 torch = pytest.importorskip("torch")
@@ -167,14 +167,7 @@ def test_encode_accepts_numpy_mel(backend: TorchBackend) -> None:
 def test_encode_batch_equals_one_by_one(backend: TorchBackend, budget: int, monkeypatch) -> None:
     """Recordings encoded together (shared matrix products, a token budget per group) = one by one."""
     monkeypatch.setattr("mlx_asr.backends.torch.encoder.ENCODE_BATCH_TOKENS", budget)
-    names = ("medium_10s_wav", "short_0p3s_wav", "long_60s_wav", "short_2s_wav")
-    mels = [get_case(name).tensors["mel"] for name in names]
-    together = backend.encode_batch(mels)
-    assert len(together) == len(mels)
-    for mel, embeds in zip(mels, together, strict=True):
-        alone = backend.to_numpy(backend.encode(mel))
-        assert backend.to_numpy(embeds).shape == alone.shape
-        assert rel_err(backend.to_numpy(embeds), alone) <= 1e-5
+    check_encode_batch(backend)
 
 
 def test_first_logprob_is_log_softmax(backend: TorchBackend) -> None:

@@ -94,6 +94,23 @@ def test_encode_batch_equals_one_by_one(backend: MlxBackend, budget: int, monkey
     check_encode_batch(backend)
 
 
+def test_float_matrices_are_column_major_on_cpu(backend: MlxBackend) -> None:
+    """On the CPU device every float32 Linear/Embedding weight keeps its [out, in] shape and values but is
+    stored transposed, so BLAS gets an untransposed right-hand matrix (see ``store_column_major``)."""
+    thinker = backend.model.thinker
+    layer = thinker.model.layers[0]
+    for weight in (layer.self_attn.qkv_proj.weight, layer.mlp.down_proj.weight, thinker.model.embed_tokens.weight,
+                   thinker.audio_tower.layers[0].fc1.weight, thinker.audio_tower.conv_out.weight):
+        out_dim, _ = weight.shape
+        item = weight.itemsize
+        assert memoryview(weight).strides == (item, item * out_dim)
+    raw = load_file(str(TINY / "model.safetensors"))
+    table = raw["thinker.model.embed_tokens.weight"]
+    assert np.array_equal(np.array(thinker.model.embed_tokens.weight), table)
+    ids = mx.array([0, 7, table.shape[0] - 1])
+    assert np.array_equal(np.array(thinker.model.embed_tokens(ids)), table[[0, 7, table.shape[0] - 1]])
+
+
 def test_first_logprob_is_log_softmax(backend: MlxBackend) -> None:
     case = get_case("short_2s_wav")
     logits = case.tensors["logits_step0"].astype(np.float64)

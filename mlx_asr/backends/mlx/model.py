@@ -105,11 +105,30 @@ def quantize_model(model: Qwen3ASR, policy: QuantPolicy) -> None:
     nn.quantize(model, class_predicate=predicate)
 
 
+def store_column_major(model: nn.Module) -> None:
+    """Keep every float32 ``Linear``/``Embedding`` weight ``[out, in]`` in column-major memory (MLX's CPU).
+
+    The weight stays an ``[out, in]`` array with the same values (a transposed view of a contiguous
+    ``[in, out]`` copy), so the modules and their names are unchanged; but ``x @ W.T`` then hands BLAS an
+    untransposed right-hand matrix. MLX's CPU matmul is one ``sgemm`` call whatever the shape, and both
+    OpenBLAS and MLX's bundled BLAS are faster that way, most for the one-row products of decoding.
+    Measured (2 AVX2 cores, ``[1, 2048] @ [2048, 6144]``, float32): OpenBLAS 4.7 -> 3.3 ms, bundled BLAS
+    13.6 -> 7.2 ms; 150 rows 32.8 -> 31.1 ms and 2047 -> 1140 ms. Half-precision products do not go to
+    BLAS (no difference measured beyond noise) and quantized layers have their own kernel: both are left as
+    they are. Weights are converted one at a time, so the extra memory is one matrix.
+    """
+    for _, module in model.named_modules():
+        if type(module) in (nn.Linear, nn.Embedding) and module.weight.dtype == mx.float32:
+            module.weight = mx.contiguous(module.weight.T).T
+            mx.eval(module.weight)
+
+
 def load_model(checkpoint: Checkpoint, dtype: str, quantize: QuantPolicy | None = None) -> Qwen3ASR:
     """Build the module tree for ``checkpoint``, load its weights in compute ``dtype``, fuse projections.
 
     ``quantize`` quantizes a float checkpoint after loading (a converted folder is faster and smaller
-    to load); a checkpoint that is already quantized cannot be quantized again.
+    to load); a checkpoint that is already quantized cannot be quantized again. On the CPU device the
+    float32 matrices are then stored column-major (:func:`store_column_major`).
     """
     if quantize is not None and checkpoint.is_quantized:
         raise BackendError(f"{checkpoint.path} is already quantized; load it without quantize")
@@ -127,5 +146,7 @@ def load_model(checkpoint: Checkpoint, dtype: str, quantize: QuantPolicy | None 
         quantize_model(model, quantize)
     mx.eval(model.parameters())
     model.thinker.model.fuse()
+    if mx.default_device() == mx.cpu:
+        store_column_major(model)
     mx.clear_cache()
     return model

@@ -364,6 +364,7 @@ def test_w8a8_generate_batch_equals_one_by_one() -> None:
     """Each row is quantized on its own, so batching changes nothing (in float32; bf16 attention itself
     rounds differently with the batch's padded shapes)."""
     backend = _backend("float32", "w8a8")
+    assert backend.decoder.prefill_tokens == 0  # per-row kernels: each prompt is prefilled alone
     prompts, embeds = _batch_inputs(backend)
     batch = backend.generate_batch(prompts, embeds, 12, STOP_IDS)
     for prompt, embed, row in zip(prompts, embeds, batch, strict=True):

@@ -13,8 +13,9 @@ from ...config import num_audio_tokens
 from ...errors import BackendError
 from ..base import DTYPES, Backend, Step
 from .features import log_mel
-from .llm import Decoder, KVCache
+from .llm import BATCH_PREFILL_TOKENS, Decoder, KVCache
 from .model import TORCH_DTYPES, load_model
+from .quant import PER_ROW_MODES
 
 
 def torch_device(device: str) -> torch.device:
@@ -71,7 +72,8 @@ class TorchBackend(Backend):
         self.model = load_model(checkpoint, TORCH_DTYPES[dtype], self.torch_device, quantize=quantize)
         thinker = self.model.thinker
         self.audio_tower = thinker.audio_tower
-        self.decoder = Decoder(thinker.model, thinker.output_head())
+        prefill_tokens = 0 if quantize in PER_ROW_MODES else BATCH_PREFILL_TOKENS
+        self.decoder = Decoder(thinker.model, thinker.output_head(), prefill_tokens)
 
     def log_mel(self, samples: np.ndarray) -> torch.Tensor:
         return log_mel(samples, self.config.audio.num_mel_bins, self.torch_device)

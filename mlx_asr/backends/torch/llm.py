@@ -270,11 +270,16 @@ class Decoder:
     Args:
         model: the decoder stack.
         head: maps final hidden states ``[..., H]`` to logits ``[..., vocab]``.
+        prefill_tokens: at most this many (padded) prompt tokens of a batch are prefilled in one forward
+            pass; 0 prefills each prompt on its own. Batching pays where every product has a per-call
+            cost on the weight side (bf16 weights upcast on CPUs without native bf16, int8 weights
+            dequantized), not where the kernel's cost is per row (w8a8, int4; see :mod:`.quant`).
     """
 
-    def __init__(self, model: TextModel, head: Head) -> None:
+    def __init__(self, model: TextModel, head: Head, prefill_tokens: int = BATCH_PREFILL_TOKENS) -> None:
         self.model = model
         self.head = head
+        self.prefill_tokens = prefill_tokens
         self.cfg = model.cfg
         weight = model.norm.weight
         self.dtype, self.device = weight.dtype, weight.device
@@ -308,13 +313,13 @@ class Decoder:
     def _start(self, prompts: Sequence[torch.Tensor], max_new_tokens: int) -> tuple[_Batch, torch.Tensor]:
         """Prefill every prompt into its left-padded row of one batch cache; first logits ``[B, vocab]``.
 
-        Several prompts go through one forward pass when they fit :data:`BATCH_PREFILL_TOKENS` (bigger
-        matmuls, and int8 weights are dequantized once for all rows instead of once per prompt).
+        Several prompts go through one forward pass when they fit ``prefill_tokens`` (bigger matmuls,
+        and int8 weights are dequantized once for all rows instead of once per prompt).
         """
         longest = max(p.shape[0] for p in prompts)
         cache = self._cache(len(prompts), longest + max_new_tokens)
         lengths = [p.shape[0] for p in prompts]
-        if 1 < len(prompts) and len(prompts) * longest <= BATCH_PREFILL_TOKENS:
+        if 1 < len(prompts) and len(prompts) * longest <= self.prefill_tokens:
             return _Batch(cache, lengths, self.device), self._prefill_together(prompts, cache)
         logits = []
         for row, embeds in enumerate(prompts):

@@ -40,9 +40,9 @@ BITS = (8, 4, W8A8)  # the values of ``quantize``
 # prompts together saves nothing there. Measured (0.6B, 8 prompts of 140-161 tokens, 2 cores): w8a8
 # 5.2-5.7 s one by one against 6.1-6.7 s together, int4 16.0 against 17.9-18.4 s; but int8 13.3-13.6
 # against 10.4-10.7 s and bf16 14.5-15.3 against 10.5 s (dequantized / upcast weights, once per call).
-# In the pipeline (w8a8, 8 clips of 10 s, batch 8, 3 alternating pairs) the prefill took the same time
-# either way (5.1-6.2 s) but the 39 decoding steps after it 3.7-4.0 s instead of 4.5-5.0 s (not
-# explained), for 15.8-16.8 s against 16.1-17.0 s in all.
+# In the whole pipeline (w8a8, 8 clips of 10 s, alternating runs in one process) the difference is
+# within this machine's noise: batch 8, 15.8-20.1 s (median of 6: 16.0) against 16.1-18.4 s (17.2);
+# batch 4, 18.4-19.4 s against 17.5-19.4 s.
 PER_ROW_MODES = (W8A8, 4)
 DEQUANT_ROWS = 32  # from this many input rows on, dequantize + dense matmul beats the int8 kernel
 GROUP_SIZES = (32,)  # int4 group width (input channels per scale/zero); 32 measured more accurate than 64/128

@@ -131,10 +131,8 @@ class AudioTower(nn.Module):
         h = h + sinusoids(h.shape[1], h.shape[2], h.device).to(h.dtype)
         return h.reshape(-1, h.shape[2])[: num_audio_tokens(mel.shape[1], self.cfg.chunk_frames)]
 
-    def _layers(self, x: torch.Tensor, runs: list[Run], states: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def layers_over(self, x: torch.Tensor, runs: list[Run], states: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Transformer layers over conv-stem rows ``[N, d_model]`` (before ``ln_post``); optionally records states."""
-        if states is not None:
-            states.append(x)
         for layer in self.layers:
             x = layer(x, runs)
             if states is not None:
@@ -143,8 +141,9 @@ class AudioTower(nn.Module):
 
     def hidden_states(self, mel: torch.Tensor) -> list[torch.Tensor]:
         """The conv stem output then each layer's output, every one ``[N_a, d_model]`` (before ``ln_post``)."""
-        states: list[torch.Tensor] = []
-        self._layers(self.conv_stem(mel), window_runs(encoder_windows(mel.shape[1], self.cfg)), states)
+        x = self.conv_stem(mel)
+        states = [x]
+        self.layers_over(x, window_runs(encoder_windows(mel.shape[1], self.cfg)), states)
         return states
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
@@ -167,10 +166,10 @@ class AudioTower(nn.Module):
         for members, runs in batch_runs([mel.shape[1] for mel in mels], self.cfg, ENCODE_BATCH_TOKENS):
             stems = [self.conv_stem(mels[i]) for i in members]
             x = torch.cat(stems) if len(stems) > 1 else stems[0]
-            out += self.project(self._layers(x, runs)).split([s.shape[0] for s in stems])
+            out += self.project(self.layers_over(x, runs)).split([s.shape[0] for s in stems])
         return out
 
     def encode_window(self, stems: list[torch.Tensor]) -> torch.Tensor:
         """Embeddings of conv-stem rows that make up one attention window (cached streaming)."""
         x = torch.cat(stems)
-        return self.project(self._layers(x, [(0, 1, x.shape[0])]))
+        return self.project(self.layers_over(x, [(0, 1, x.shape[0])]))

@@ -316,9 +316,9 @@ class Decoder:
         Several prompts go through one forward pass when they fit ``prefill_tokens`` (bigger matmuls,
         and int8 weights are dequantized once for all rows instead of once per prompt).
         """
-        longest = max(p.shape[0] for p in prompts)
-        cache = self._cache(len(prompts), longest + max_new_tokens)
         lengths = [p.shape[0] for p in prompts]
+        longest = max(lengths)
+        cache = self._cache(len(prompts), longest + max_new_tokens)
         if 1 < len(prompts) and len(prompts) * longest <= self.prefill_tokens:
             return _Batch(cache, lengths, self.device), self._prefill_together(prompts, cache)
         logits = []
@@ -329,7 +329,7 @@ class Decoder:
                 cache.values[:, row, :, :pad] = 0
             logits.append(self._prefill(embeds, cache.row(row, pad)))
         cache.length = longest
-        return _Batch(cache, [p.shape[0] for p in prompts], self.device), torch.stack(logits)
+        return _Batch(cache, lengths, self.device), torch.stack(logits)
 
     def _prefill_together(self, prompts: Sequence[torch.Tensor], cache: KVCache) -> torch.Tensor:
         """One forward of the left-padded prompts into an empty batch cache; last-position logits ``[B, vocab]``.

@@ -38,7 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 AUDIO_10S = ROOT / "tests" / "fixtures" / "audio" / "medium_10s.flac"
 AUDIO_60S = ROOT / "tests" / "fixtures" / "audio" / "long_60s.flac"
-QUANT = {"bf16": None, "int8": 8, "int4": 4, "w8a8": "w8a8"}
+QUANT = {"bf16": None, "int8": 8, "int4": 4, "w8a8": "w8a8", "w8a8a": "w8a8"}
+AUDIO_W8A8 = ("w8a8a",)  # configs whose audio encoder linears are W8A8 too (quantize_audio)
 STAGES = ("audio", "features", "encoder", "prefill", "decode")
 
 
@@ -103,7 +104,7 @@ def _stage_summary(runs: list[dict], tokens: int, seconds: float) -> dict:
 def _our_pipeline(spec: dict):
     from mlx_asr.pipeline import AsrPipeline
 
-    options = {"quantize": QUANT[spec["config"]]}
+    options = {"quantize": QUANT[spec["config"]], "quantize_audio": spec["config"] in AUDIO_W8A8}
     if spec.get("threads"):
         options["threads"] = spec["threads"]
     return AsrPipeline.from_pretrained(spec["model"], backend="torch", device="cpu", dtype="bfloat16", **options)
@@ -518,7 +519,9 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="checkpoint folder (repeat for several; default: benchmarks/models/0.6b-random)",
     )
-    ap.add_argument("--configs", default="bf16,int8,int4", help="our weight configs (bf16, int8, int4, w8a8)")
+    ap.add_argument(
+        "--configs", default="bf16,int8,int4", help="our configs: bf16, int8, int4, w8a8, w8a8a (w8a8 + audio encoder)"
+    )
     ap.add_argument("--official-python", help="python of a venv with qwen-asr==0.0.6 (skipped when not given)")
     ap.add_argument("--audio", default=str(AUDIO_10S))
     ap.add_argument("--tokens", type=int, default=40, help="forced new tokens per transcription")

@@ -232,6 +232,7 @@ def main() -> int:
     parser.add_argument(
         "--quantize", default=None, help="8 or 4: weight-only quantized LLM; w8a8: int8 weights and activations"
     )
+    parser.add_argument("--quantize-audio", action="store_true", help="torch: the audio encoder's linears in w8a8 too")
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--modes", default="cached,exact", help="cached, exact and/or live (real-time pace, catch-up)")
     parser.add_argument("--chunk-seconds", type=float, default=2.0)
@@ -252,6 +253,8 @@ def main() -> int:
     options = {"threads": args.threads} if args.threads else {}
     if args.quantize:
         options["quantize"] = int(args.quantize) if args.quantize.isdigit() else args.quantize
+    if args.quantize_audio:
+        options["quantize_audio"] = True
     pipe = AsrPipeline.from_pretrained(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                        **options)
     if args.agreement:

@@ -102,6 +102,7 @@ def _setup(pipe: AsrPipeline) -> dict[str, Any]:
         "device": pipe.backend.device,
         "dtype": pipe.backend.dtype,
         "quantize": getattr(pipe.backend, "quantize", None),
+        "quantize_audio": getattr(pipe.backend, "quantize_audio", False),
         "load_s": round(pipe.load_time, 4),
     }
 
@@ -192,6 +193,7 @@ def format_report(report: dict[str, Any]) -> str:
     """Human-readable form of a speed or accuracy report."""
     quantize = report.get("quantize")
     quant = f", {'int' if isinstance(quantize, int) else ''}{quantize}" if quantize else ""
+    quant += ", w8a8 audio encoder" if report.get("quantize_audio") else ""
     head = (f"model {report['model']} | backend {report['backend']} on {report['device']}, {report['dtype']}"
             f"{quant} | load {report['load_s']:.2f} s")
     lines = [head]

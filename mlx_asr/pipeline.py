@@ -145,7 +145,7 @@ class AsrPipeline:
         a folder quantized by ``mlx-asr convert``, which only MLX loads).
         ``device``: ``"cpu"``, ``"metal"``, ``"cuda"`` or ``None`` (the best available).
         ``dtype``: compute dtype ``float32``/``bfloat16``/``float16``; ``None`` keeps the checkpoint's.
-        Other keyword options go to the backend (``quantize`` for both; torch: ``threads``).
+        Other keyword options go to the backend (``quantize`` for both; torch: ``threads``, ``quantize_audio``).
         """
         start = time.perf_counter()
         requested = backend, device

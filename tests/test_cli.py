@@ -62,9 +62,12 @@ def test_json_output_has_metadata(tmp_path):
     assert {"features", "encoder", "prefill", "decode"} <= set(data["timings"]) and data["rtf"] > 0
 
 
-@pytest.mark.parametrize("quantize", ["8", "W8A8"])
-def test_quantize_at_load(quantize):
-    proc = cli("transcribe", "-m", TINY, "-a", SHORT, "--backend", "torch", "--quantize", quantize)
+QUANTIZE_OPTIONS = [["--quantize", "8"], ["--quantize", "W8A8"], ["--quantize", "w8a8", "--quantize-audio"]]
+
+
+@pytest.mark.parametrize("options", QUANTIZE_OPTIONS)
+def test_quantize_at_load(options):
+    proc = cli("transcribe", "-m", TINY, "-a", SHORT, "--backend", "torch", *options)
     assert proc.returncode == 0, err(proc)
     assert out(proc).strip()
 
@@ -159,6 +162,11 @@ def test_benchmark_speed_mode():
     assert proc.returncode == 0, err(proc)
     text = out(proc)
     assert "rtf" in text.lower() and "load" in text.lower() and "stress" in text.lower()
+    quantized = cli("benchmark", "-m", TINY, "--synthetic", "--lengths", "1", "--runs", "1", "--max-new-tokens", "3",
+                    "--backend", "torch", "--quantize", "w8a8", "--quantize-audio", "--json")
+    assert quantized.returncode == 0, err(quantized)
+    report = json.loads(out(quantized))
+    assert report["quantize"] == "w8a8" and report["quantize_audio"] is True
 
 
 def test_info():
@@ -204,6 +212,7 @@ ERROR_CASES = [
     ("bad dtype", ["-m", TINY, "-a", SHORT, "--dtype", "float64"], 6, "float32"),
     ("bad quantize", ["-m", TINY, "-a", SHORT, "--backend", "torch", "--quantize", "3"], 6, "8, 4 or w8a8"),
     ("w8a8 on mlx", ["-m", TINY, "-a", SHORT, "--backend", "mlx", "--quantize", "w8a8"], 6, "torch CPU backend"),
+    ("audio w8a8 on mlx", ["-m", TINY, "-a", SHORT, "--backend", "mlx", "--quantize-audio"], 6, "quantize_audio"),
 ]
 
 

@@ -124,7 +124,7 @@ class AudioTower(nn.Module):
 
     def conv_stem(self, mel: torch.Tensor) -> torch.Tensor:
         """Conv stem + per-chunk sinusoid positions, padding tokens dropped: ``[N_a, d_model]``."""
-        weight = self.conv_out.weight
+        weight = self.conv2d1.weight  # the convolutions are never quantized
         mel = mel.to(device=weight.device, dtype=weight.dtype)
         parts = self._chunks(mel).split(CONV_BATCH.get(mel.device.type, 8))
         h = torch.cat([self._stem_batch(part) for part in parts])

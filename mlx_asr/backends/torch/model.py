@@ -16,7 +16,16 @@ from ...errors import ModelError
 from .compute import release_scratch
 from .encoder import AudioTower
 from .llm import Head, Linear, TextModel
-from .quant import W8A8, QuantEmbedding, check_bits, finish_packing, quantize_head, quantize_layer
+from .quant import (
+    W8A8,
+    DynamicInt8Linear,
+    QuantEmbedding,
+    check_audio_w8a8,
+    check_bits,
+    finish_packing,
+    quantize_head,
+    quantize_layer,
+)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -117,6 +126,28 @@ LAYER_LINEARS = (
 )  # fmt: skip
 
 
+AUDIO_LAYER_LINEARS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2",
+)  # fmt: skip
+
+
+def _audio_linears(tower: AudioTower) -> list[list[str]]:
+    """The audio tower's linear modules (names under ``thinker.audio_tower``), per encoder layer, then
+    ``conv_out`` and ``proj1``..``projN``; the 3x3 convolutions are not among them."""
+    groups = [[f"layers.{i}.{name}" for name in AUDIO_LAYER_LINEARS] for i in range(len(tower.layers))]
+    return groups + [["conv_out", *(f"proj{i}" for i in range(1, tower.projector_layers + 1))]]
+
+
+def _audio_tensor_names(tower: AudioTower) -> set[str]:
+    """Checkpoint names of the weights and biases of :func:`_audio_linears`."""
+    names = set()
+    for module in (m for group in _audio_linears(tower) for m in group):
+        names.add(f"thinker.audio_tower.{module}.weight")
+        if tower.get_submodule(module).bias is not None:
+            names.add(f"thinker.audio_tower.{module}.bias")
+    return names
+
+
 def _quantized_names(thinker: Thinker) -> tuple[list[list[str]], str]:
     """Per decoder layer, the checkpoint names of its linear weights; and the name of the output matrix."""
     layers = [
@@ -128,7 +159,7 @@ def _quantized_names(thinker: Thinker) -> tuple[list[list[str]], str]:
 
 
 def _load_quantized(
-    model: Qwen3ASR, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, bits: int | str
+    model: Qwen3ASR, reader: _TensorReader, dtype: torch.dtype, device: torch.device, bits: int | str
 ) -> None:
     """Read the LLM's linear weights and output matrix one layer at a time and quantize them as they come.
 
@@ -137,11 +168,6 @@ def _load_quantized(
     """
     thinker = model.thinker
     layers, head = _quantized_names(thinker)
-    reader = _TensorReader(checkpoint)
-    missing = [n for n in [head, *(n for names in layers for n in names)] if n not in reader.files]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ModelError(f"{checkpoint.path}: weights lack {', '.join(missing[:3])}{more}")
     owner = thinker.lm_head if thinker.lm_head is not None else thinker.model.embed_tokens
     owner.weight = reader.read(head, owner.weight.to(dtype=dtype), device)  # the largest first
     del owner  # quantize_head replaces the module: its bf16 matrix must not outlive it
@@ -155,12 +181,33 @@ def _load_quantized(
         release_free_memory()  # the layer's freed float buffers (and fbgemm's packing temporaries)
 
 
+def _load_audio_w8a8(tower: AudioTower, reader: _TensorReader, dtype: torch.dtype, device: torch.device) -> None:
+    """Read the audio tower's linears one encoder layer at a time and replace them with W8A8 layers."""
+    for group in _audio_linears(tower):
+        for module in group:
+            owner_name, _, child = module.rpartition(".")
+            owner = tower.get_submodule(owner_name) if owner_name else tower
+            linear = getattr(owner, child)
+            weight = reader.read(f"thinker.audio_tower.{module}.weight", linear.weight.to(dtype=dtype), device)
+            bias = linear.bias
+            if bias is not None:
+                bias = reader.read(f"thinker.audio_tower.{module}.bias", bias.to(dtype=dtype), device)
+            setattr(owner, child, DynamicInt8Linear([weight], bias))
+        release_free_memory()
+
+
+def _lacking(path: Path, missing: list[str]) -> ModelError:
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    return ModelError(f"{path}: weights lack {', '.join(missing[:3])}{more}")
+
+
 def load_model(
     checkpoint: Checkpoint,
     dtype: torch.dtype,
     device: torch.device,
     fuse: bool | None = None,
     quantize: int | str | None = None,
+    quantize_audio: bool = False,
 ) -> Qwen3ASR:
     """Build the module tree without initialising it and assign the checkpoint's tensors (memory-mapped).
 
@@ -168,32 +215,43 @@ def load_model(
     those weights at load); ``None`` fuses only when the weights were copied anyway (dtype or device
     change), so a checkpoint already in ``dtype`` on the CPU loads without copying anything.
     ``quantize`` (8, 4 or ``"w8a8"``): the LLM's linears (fused) and the output matrix are read layer by layer and
-    quantized as they come (see :mod:`.quant`); ``fuse`` is then ignored.
+    quantized as they come (see :mod:`.quant`); ``fuse`` is then ignored. ``quantize_audio``: the audio
+    tower's linears (not its convolutions) are read the same way and become W8A8 layers (x86 CPU only).
     A stored ``thinker.lm_head.weight`` is ignored when the embeddings are tied (``embed_tokens`` is the
     output matrix, as in vLLM). Raises :class:`ModelError` when tensors are missing or misshapen.
     """
     if quantize is not None:
         check_bits(quantize, device)
+    if quantize_audio:
+        check_audio_w8a8(device)
     with torch.device("meta"):
         model = Qwen3ASR(checkpoint)
     wanted = set(model.state_dict())
     deferred: set[str] = set()
     if quantize is not None:
         layers, head = _quantized_names(model.thinker)
-        deferred = {head, *(n for names in layers for n in names)}
+        deferred |= {head, *(n for names in layers for n in names)}
+    if quantize_audio:
+        deferred |= _audio_tensor_names(model.thinker.audio_tower)
     tensors, copied = _read_tensors(checkpoint, wanted - deferred, dtype, device)
     missing = sorted(wanted - deferred - tensors.keys())
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ModelError(f"{checkpoint.path}: weights lack {', '.join(missing[:3])}{more}")
+        raise _lacking(checkpoint.path, missing)
     try:
         model.load_state_dict(tensors, strict=not deferred, assign=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
         raise ModelError(f"{checkpoint.path}: weights do not fit the config ({first})") from exc
     del tensors
-    if quantize is not None:
-        _load_quantized(model, checkpoint, dtype, device, quantize)
+    if deferred:
+        reader = _TensorReader(checkpoint)
+        missing = sorted(deferred - reader.files.keys())
+        if missing:
+            raise _lacking(checkpoint.path, missing)
+        if quantize is not None:
+            _load_quantized(model, reader, dtype, device, quantize)
+        if quantize_audio:
+            _load_audio_w8a8(model.thinker.audio_tower, reader, dtype, device)
         finish_packing(model)
         release_scratch()
         release_free_memory()

@@ -138,7 +138,7 @@ def finish_packing(model: nn.Module) -> None:
 
 
 class DynamicInt8Linear(nn.Module):
-    """Bias-free linear with int8 weights and int8 activations quantized on the fly (W8A8), CPU only.
+    """Linear with int8 weights and int8 activations quantized on the fly (W8A8), CPU only.
 
     The weights are the same symmetric per-channel int8 codes as :class:`Int8Linear`, prepacked once for
     fbgemm. Each call divides every input row by its largest magnitude and quantizes it to the codes
@@ -146,11 +146,12 @@ class DynamicInt8Linear(nn.Module):
     fbgemm multiplies in integers with int32 sums and returns float32, which is scaled back per row.
     A row's result depends on that row only, so batched and one-by-one decoding agree exactly, and on no
     thread count. The weights are packed on background threads (:func:`finish_packing` waits for them), so
-    that loading goes on meanwhile.
+    that loading goes on meanwhile. An optional ``bias`` (``[out]``) is added in float32 to the rescaled result.
     """
 
-    def __init__(self, weights: Sequence[torch.Tensor]) -> None:
+    def __init__(self, weights: Sequence[torch.Tensor], bias: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.bias = None if bias is None else bias.detach().float().clone()
         codes, scales = _int8_rows(weights, torch.float32)
         zeros = torch.zeros(codes.shape[0], dtype=torch.long)
         with warnings.catch_warnings():  # quantized tensors are deprecated as a user type, not as fbgemm's input
@@ -172,7 +173,10 @@ class DynamicInt8Linear(nn.Module):
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             torch.div(rows, peak), ACTIVATION_SCALE, ACTIVATION_ZERO, self.packed
         )
-        return y.mul_(peak).to(x.dtype).view(*x.shape[:-1], -1)
+        y = y.mul_(peak)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
 def _int4_groups(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -245,6 +249,12 @@ def quantized_linear(weights: Sequence[torch.Tensor], bits: int | str) -> nn.Mod
     if bits == 4 and Int4Linear.supports(weights):
         return Int4Linear(weights)
     return Int8Linear(weights)
+
+
+def check_audio_w8a8(device: torch.device) -> None:
+    """Raise :class:`BackendError` unless the audio tower can run in W8A8 on ``device``."""
+    if device.type != "cpu" or not dynamic_int8_available():
+        raise BackendError("quantize_audio uses fbgemm's CPU kernels (x86 PyTorch builds, device cpu)")
 
 
 def check_bits(bits: int | str, device: torch.device) -> None:

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 from mlx_asr.audio import load_audio  # noqa: E402
 from mlx_asr.backends.base import Step  # noqa: E402
 from mlx_asr.backends.torch import TorchBackend  # noqa: E402
-from mlx_asr.backends.torch.compute import native_half_gemm, upcast_wide  # noqa: E402
+from mlx_asr.backends.torch.compute import native_half_gemm, one_row_products, upcast_wide  # noqa: E402
 from mlx_asr.backends.torch.encoder import Conv2d  # noqa: E402
 from mlx_asr.backends.torch.llm import Decoder, Linear  # noqa: E402
 from mlx_asr.backends.torch.model import load_model  # noqa: E402
@@ -273,6 +273,36 @@ def test_cpu_half_policy_upcasts_only_wide_products(cpu_half: str) -> None:
     out = conv(image)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), conv.float()(image.float()), rtol=2e-2, atol=2e-2)
+
+
+def test_half_probe_is_per_dtype(monkeypatch) -> None:
+    monkeypatch.delenv("MLX_ASR_CPU_HALF", raising=False)
+    native_half_gemm.cache_clear()
+    try:
+        assert native_half_gemm("cpu", torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        assert native_half_gemm("cpu", torch.float16) == torch.ops.mkldnn._is_mkldnn_fp16_supported()
+        assert native_half_gemm("cuda", torch.float16)
+    finally:
+        native_half_gemm.cache_clear()
+
+
+def test_one_row_products_switches_onednn_off_and_back() -> None:
+    assert torch.backends.mkldnn.enabled
+    with one_row_products(torch.device("cpu")):
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled
+    with one_row_products(torch.device("cuda")):  # other devices: untouched
+        assert torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        with one_row_products(torch.device("cpu")):
+            assert not torch.backends.mkldnn.enabled
+        assert not torch.backends.mkldnn.enabled  # the user's choice is kept
+    finally:
+        torch.backends.mkldnn.enabled = True
+    with pytest.raises(KeyError), one_row_products(torch.device("cpu")):
+        raise KeyError
+    assert torch.backends.mkldnn.enabled
 
 
 def test_bfloat16_is_close(record_property, cpu_half: str) -> None:

@@ -7,13 +7,23 @@ bfloat16 and 17 ms in float32 including the bf16 -> f32 weight copy; the encoder
 of one 10 s clip 12.8 s in bfloat16 and 0.34 s in float32. One-row products (decoding) stay fast in
 bfloat16. So on such CPUs the many-row products of a half-precision model upcast weights into a reused
 float32 buffer (:func:`scratch`) and compute in float32; everything else keeps the model dtype.
+The probe is per dtype: a CPU may have native bfloat16 and no native float16 products (AMD Zen 4, AVX512-BF16
+without AVX512-FP16: a [150, 1024] x [1024, 6144] product takes 5 ms in bfloat16, 15 ms in float32, 50 ms in
+float16).
+
+Where oneDNN does have native half products, it is the slow choice for a *one-row* product (decoding one
+sequence): on that Zen 4 machine a [1, 1024] x [1024, 3072] bfloat16 product takes 0.45 ms through oneDNN and
+0.27 ms through PyTorch's own gemv, while from two rows on oneDNN wins (2 rows 0.48 against 0.60 ms, 8 rows 0.51
+against 1.75 ms). :func:`one_row_products` switches oneDNN off around such a step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -22,25 +32,43 @@ _SCRATCH = threading.local()
 
 
 @functools.cache
-def native_half_gemm(device_type: str) -> bool:
-    """Whether half-precision matrix products are fast on this device type (always on CUDA).
+def native_half_gemm(device_type: str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether ``dtype`` (bfloat16 or float16) matrix products are fast on this device type (always on CUDA).
 
-    ``MLX_ASR_CPU_HALF=native|float32`` overrides the CPU probe (oneDNN's bf16 support check).
+    ``MLX_ASR_CPU_HALF=native|float32`` overrides the CPU probe (oneDNN's support check for ``dtype``).
     """
     if device_type != "cpu":
         return True
     forced = os.environ.get("MLX_ASR_CPU_HALF", "").lower()
     if forced in ("native", "float32"):
         return forced == "native"
+    name = "_is_mkldnn_fp16_supported" if dtype == torch.float16 else "_is_mkldnn_bf16_supported"
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(getattr(torch.ops.mkldnn, name)())
     except (AttributeError, RuntimeError):  # pragma: no cover - older or stripped builds
         return False
 
 
 def slow_half(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` is half precision on a device without native half products."""
-    return weight.dtype in (torch.bfloat16, torch.float16) and not native_half_gemm(weight.device.type)
+    """Whether ``weight`` is half precision on a device without native products in its dtype."""
+    return weight.dtype in (torch.bfloat16, torch.float16) and not native_half_gemm(weight.device.type, weight.dtype)
+
+
+@contextlib.contextmanager
+def one_row_products(device: torch.device) -> Iterator[None]:
+    """oneDNN off for the products inside (CPU only): for a step whose products all have one row.
+
+    oneDNN is PyTorch's process-wide switch: a product in another thread meanwhile takes the slower path,
+    nothing worse. A no-op where the user already turned oneDNN off, and off the CPU.
+    """
+    if device.type != "cpu" or not torch.backends.mkldnn.enabled:
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 def upcast_wide(weight: torch.Tensor, rows: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from ...config import TextConfig
 from ..base import Step
-from .compute import float32_copy, upcast_wide
+from .compute import float32_copy, one_row_products, upcast_wide
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 BATCH_PREFILL_TOKENS = 4096  # at most this many (padded) prompt tokens prefilled in one forward pass
@@ -358,9 +359,11 @@ class Decoder:
         """One decoding step of every active row; float32 logits ``[B, vocab]``."""
         ids = torch.tensor(tokens, device=self.device)[:, None]
         mask = batch.mask()
-        hidden = self.model(self.model.embed_tokens(ids), batch.positions[:, None], batch.cache, mask)
+        with one_row_products(self.device) if len(tokens) == 1 else contextlib.nullcontext():
+            hidden = self.model(self.model.embed_tokens(ids), batch.positions[:, None], batch.cache, mask)
+            logits = self.logits(hidden[:, -1])
         batch.positions += 1
-        return self.logits(hidden[:, -1])
+        return logits
 
     def decode(
         self, prompts: Sequence[torch.Tensor], max_new_tokens: int, stop_ids: Sequence[int], min_new_tokens: int = 0

@@ -87,7 +87,7 @@ class Int8Linear(nn.Module):
         if self.on_cpu and rows.shape[0] < DEQUANT_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
         else:  # dequantized into a reused buffer; float32 where half GEMM is slow (see .compute)
-            wide = self.dtype if native_half_gemm(self.weight.device.type) else torch.float32
+            wide = self.dtype if native_half_gemm(self.weight.device.type, self.dtype) else torch.float32
             weight = scratch(self.weight.numel(), wide, self.weight.device).view(self.weight.shape)
             y = F.linear(rows.to(wide), weight.copy_(self.weight)) * self.scales
         return y.to(x.dtype).view(*x.shape[:-1], -1)

@@ -22,7 +22,12 @@ torch = pytest.importorskip("torch")
 from mlx_asr.audio import load_audio  # noqa: E402
 from mlx_asr.backends.base import Step  # noqa: E402
 from mlx_asr.backends.torch import TorchBackend  # noqa: E402
-from mlx_asr.backends.torch.compute import native_half_gemm, one_row_products, upcast_wide  # noqa: E402
+from mlx_asr.backends.torch.compute import (  # noqa: E402
+    limited_threads,
+    native_half_gemm,
+    one_row_products,
+    upcast_wide,
+)
 from mlx_asr.backends.torch.encoder import Conv2d  # noqa: E402
 from mlx_asr.backends.torch.llm import Decoder, Linear  # noqa: E402
 from mlx_asr.backends.torch.model import load_model  # noqa: E402
@@ -305,6 +310,20 @@ def test_one_row_products_switches_onednn_off_and_back() -> None:
     assert torch.backends.mkldnn.enabled
 
 
+def test_limited_threads_caps_and_restores() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with limited_threads(1, torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        for count, device in ((None, "cpu"), (4, "cpu"), (1, "cuda")):
+            with limited_threads(count, torch.device(device)):
+                assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bfloat16_is_close(record_property, cpu_half: str) -> None:
     backend = _backend("bfloat16")
     assert backend.decoder.model.norm.weight.dtype == torch.bfloat16
@@ -395,6 +414,7 @@ def test_w8a8_generate_batch_equals_one_by_one() -> None:
     rounds differently with the batch's padded shapes)."""
     backend = _backend("float32", "w8a8")
     assert backend.decoder.prefill_tokens == 0  # per-row kernels: each prompt is prefilled alone
+    assert backend.decoder.row_threads == 1  # one-row steps: the layers on one thread
     prompts, embeds = _batch_inputs(backend)
     batch = backend.generate_batch(prompts, embeds, 12, STOP_IDS)
     for prompt, embed, row in zip(prompts, embeds, batch, strict=True):

@@ -15,7 +15,7 @@ from ..base import DTYPES, Backend, Step
 from .features import log_mel
 from .llm import BATCH_PREFILL_TOKENS, Decoder, KVCache
 from .model import TORCH_DTYPES, load_model
-from .quant import PER_ROW_MODES
+from .quant import PER_ROW_MODES, W8A8
 
 
 def torch_device(device: str) -> torch.device:
@@ -80,7 +80,12 @@ class TorchBackend(Backend):
         thinker = self.model.thinker
         self.audio_tower = thinker.audio_tower
         prefill_tokens = 0 if quantize in PER_ROW_MODES else BATCH_PREFILL_TOKENS
-        self.decoder = Decoder(thinker.model, thinker.output_head(), prefill_tokens)
+        # w8a8 one-row steps: the layers on one thread (fbgemm's one-row product is memory-bound and one
+        # core nearly saturates it; see Decoder). Measured on 2 cores (Zen 4, 0.6B, decode-only loop, six
+        # alternating pairs of processes): 44-55 against 53-64 ms/token. Not for bf16 or weight-only int8,
+        # whose one-row kernels gain from the second thread (85-90 against 89-100 ms/token), nor batches.
+        row_threads = 1 if quantize == W8A8 else None
+        self.decoder = Decoder(thinker.model, thinker.output_head(), prefill_tokens, row_threads)
 
     def log_mel(self, samples: np.ndarray) -> torch.Tensor:
         return log_mel(samples, self.config.audio.num_mel_bins, self.torch_device)

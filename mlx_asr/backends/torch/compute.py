@@ -15,6 +15,9 @@ Where oneDNN does have native half products, it is the slow choice for a *one-ro
 sequence): on that Zen 4 machine a [1, 1024] x [1024, 3072] bfloat16 product takes 0.45 ms through oneDNN and
 0.27 ms through PyTorch's own gemv, while from two rows on oneDNN wins (2 rows 0.48 against 0.60 ms, 8 rows 0.51
 against 1.75 ms). :func:`one_row_products` switches oneDNN off around such a step.
+
+:func:`limited_threads` runs a stretch of small kernels on fewer threads, where waking the pool's sleeping workers
+costs more than they save (see :class:`~mlx_asr.backends.torch.llm.Decoder`).
 """
 
 from __future__ import annotations
@@ -99,3 +102,17 @@ def release_scratch() -> None:
 def float32_copy(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` as float32 in this thread's scratch buffer (valid until the next :func:`scratch` call)."""
     return scratch(weight.numel(), torch.float32, weight.device).view(weight.shape).copy_(weight)
+
+
+@contextlib.contextmanager
+def limited_threads(count: int | None, device: torch.device) -> Iterator[None]:
+    """At most ``count`` PyTorch CPU threads inside (``None``, or off the CPU: unchanged)."""
+    before = torch.get_num_threads()
+    if count is None or device.type != "cpu" or count >= before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

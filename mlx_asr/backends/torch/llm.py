@@ -11,7 +11,7 @@ from torch import nn
 
 from ...config import TextConfig
 from ..base import Step
-from .compute import float32_copy, one_row_products, upcast_wide
+from .compute import float32_copy, limited_threads, one_row_products, upcast_wide
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 BATCH_PREFILL_TOKENS = 4096  # at most this many (padded) prompt tokens prefilled in one forward pass
@@ -275,12 +275,22 @@ class Decoder:
             pass; 0 prefills each prompt on its own. Batching pays where every product has a per-call
             cost on the weight side (bf16 weights upcast on CPUs without native bf16, int8 weights
             dequantized), not where the kernel's cost is per row (w8a8, int4; see :mod:`.quant`).
+        row_threads: CPU threads for the decoder layers in a one-row decoding step (the output head keeps
+            them all); ``None`` keeps them all. Each of the ~140 parallel kernels of a step wakes the
+            pool's sleeping workers (see :mod:`.openmp`), which can cost more than a second thread saves.
     """
 
-    def __init__(self, model: TextModel, head: Head, prefill_tokens: int = BATCH_PREFILL_TOKENS) -> None:
+    def __init__(
+        self,
+        model: TextModel,
+        head: Head,
+        prefill_tokens: int = BATCH_PREFILL_TOKENS,
+        row_threads: int | None = None,
+    ) -> None:
         self.model = model
         self.head = head
         self.prefill_tokens = prefill_tokens
+        self.row_threads = row_threads
         self.cfg = model.cfg
         weight = model.norm.weight
         self.dtype, self.device = weight.dtype, weight.device
@@ -359,8 +369,10 @@ class Decoder:
         """One decoding step of every active row; float32 logits ``[B, vocab]``."""
         ids = torch.tensor(tokens, device=self.device)[:, None]
         mask = batch.mask()
-        with one_row_products(self.device) if len(tokens) == 1 else contextlib.nullcontext():
-            hidden = self.model(self.model.embed_tokens(ids), batch.positions[:, None], batch.cache, mask)
+        one_row = len(tokens) == 1
+        with one_row_products(self.device) if one_row else contextlib.nullcontext():
+            with limited_threads(self.row_threads if one_row else None, self.device):
+                hidden = self.model(self.model.embed_tokens(ids), batch.positions[:, None], batch.cache, mask)
             logits = self.logits(hidden[:, -1])
         batch.positions += 1
         return logits

@@ -83,7 +83,8 @@ class TorchBackend(Backend):
         # w8a8 one-row steps: the layers on one thread (fbgemm's one-row product is memory-bound and one
         # core nearly saturates it; see Decoder). Measured on 2 cores (Zen 4, 0.6B, decode-only loop, six
         # alternating pairs of processes): 44-55 against 53-64 ms/token. Not for bf16 or weight-only int8,
-        # whose one-row kernels gain from the second thread (85-90 against 89-100 ms/token), nor batches.
+        # whose one-row kernels gain from the second thread (bf16 86-90 against 93-100 ms/token on one thread,
+        # int8 70-72 against 88), nor for batches (8 rows: 92-101 against 108 ms/step).
         row_threads = 1 if quantize == W8A8 else None
         self.decoder = Decoder(thinker.model, thinker.output_head(), prefill_tokens, row_threads)
 

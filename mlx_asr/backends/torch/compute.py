@@ -35,7 +35,7 @@ _SCRATCH = threading.local()
 
 
 @functools.cache
-def native_half_gemm(device_type: str, dtype: torch.dtype = torch.bfloat16) -> bool:
+def native_half_gemm(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``dtype`` (bfloat16 or float16) matrix products are fast on this device type (always on CUDA).
 
     ``MLX_ASR_CPU_HALF=native|float32`` overrides the CPU probe (oneDNN's support check for ``dtype``).

@@ -92,7 +92,12 @@ def speed(
         "runs": runs,
         "clips": rows,
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_device_mb": _round(pipe.backend.peak_device_mb()),
     }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def _setup(pipe: AsrPipeline) -> dict[str, Any]:
@@ -198,8 +203,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"{quant} | load {report['load_s']:.2f} s")
     lines = [head]
     if report["mode"] == "speed":
-        lines.append(f"first call {report['first_call_s']:.2f} s, peak RSS {report['peak_rss_mb']:.0f} MB, "
-                     f"median of {report['runs']} run(s)")
+        device = report.get("peak_device_mb")
+        device_memory = "" if device is None else f", peak device memory {device:.0f} MB"
+        lines.append(f"first call {report['first_call_s']:.2f} s, peak RSS {report['peak_rss_mb']:.0f} MB"
+                     f"{device_memory}, median of {report['runs']} run(s)")
         lines.append(f"{'audio':>7} {'rtf':>7} {'features':>9} {'encoder':>8} {'prefill':>8} {'decode':>8} "
                      f"{'tokens':>6} {'ms/tok':>7} {'tok/s':>7}")
         for r in report["clips"]:

@@ -14,6 +14,8 @@ import pytest
 import soundfile as sf
 from conftest import AUDIO, TINY, get_case
 
+from mlx_asr.benchmark import format_report
+
 SCRIPT = Path(sys.executable).with_name("mlx-asr")
 SHORT = AUDIO / "short_2s.wav"
 OFFICIAL_SHORT = get_case("short_2s_wav").meta["parsed_text"]
@@ -167,6 +169,9 @@ def test_benchmark_speed_mode():
     assert quantized.returncode == 0, err(quantized)
     report = json.loads(out(quantized))
     assert report["quantize"] == "w8a8" and report["quantize_audio"] is True
+    assert report["peak_device_mb"] is None  # the CPU
+    gpu = format_report({**report, "device": "cuda", "peak_device_mb": 1234.5})
+    assert "peak device memory 1234 MB" in gpu and "device memory" not in format_report(report)
 
 
 def test_info():

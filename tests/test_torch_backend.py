@@ -23,13 +23,14 @@ from mlx_asr.audio import load_audio  # noqa: E402
 from mlx_asr.backends.base import Step  # noqa: E402
 from mlx_asr.backends.torch import TorchBackend  # noqa: E402
 from mlx_asr.backends.torch.compute import (  # noqa: E402
+    float32_convolutions,
     limited_threads,
     native_half_gemm,
     one_row_products,
     upcast_wide,
 )
 from mlx_asr.backends.torch.encoder import Conv2d  # noqa: E402
-from mlx_asr.backends.torch.llm import Decoder, Linear  # noqa: E402
+from mlx_asr.backends.torch.llm import GRAPH_CACHES, Decoder, Linear  # noqa: E402
 from mlx_asr.backends.torch.model import load_model  # noqa: E402
 from mlx_asr.backends.torch.quant import (  # noqa: E402
     DynamicInt8Linear,
@@ -565,6 +566,89 @@ def test_zero_copy_load_and_fused_projections(backend: TorchBackend) -> None:
     assert rel_err(actual, expected) <= 1e-5
 
 
+# Fixed-shape decoding steps (the steps CUDA graphs capture; run eagerly off CUDA) ----------------
+
+
+@pytest.fixture
+def graph_backend() -> TorchBackend:
+    """A float32 backend whose one-sequence steps take the CUDA-graph path (eager on the CPU)."""
+    backend = TorchBackend(open_checkpoint(TINY), "float32", "cpu")
+    backend.decoder.graphs = True
+    return backend
+
+
+def test_fixed_shape_steps_reproduce_reference_ids(graph_backend: TorchBackend, backend: TorchBackend) -> None:
+    decoder = graph_backend.decoder
+    pooled = None
+    for tag in ("short_2s_wav", "medium_10s_wav", "short_0p3s_wav", "short_2s_wav_context"):
+        case = get_case(tag)
+        embeds = graph_backend.encode(case.tensors["mel"])
+        steps = list(graph_backend.generate(_prompt(case), embeds, 40, STOP_IDS))
+        assert [s.token for s in steps] == case.generated_ids, tag
+        eager = list(backend.generate(_prompt(case), embeds, 40, STOP_IDS))
+        assert np.allclose([s.logprob for s in steps], [s.logprob for s in eager], atol=1e-4)
+        assert pooled is None or decoder._free[1] is pooled  # every transcript decodes into the same cache
+        pooled = decoder._free[1]
+    assert pooled.keys.shape[3] % 256 == 0 and len(decoder._graphs) == 1
+
+
+def test_fixed_shape_steps_pool_and_bound_their_caches(graph_backend: TorchBackend) -> None:
+    decoder = graph_backend.decoder
+    case = get_case("short_2s_wav")
+    embeds = graph_backend.encode(case.tensors["mel"])
+    running = graph_backend.generate(_prompt(case), embeds, 40, STOP_IDS)
+    next(running), next(running)  # holds the pooled cache: a second transcript meanwhile gets its own
+    other = [s.token for s in graph_backend.generate(_prompt(case), embeds, 40, STOP_IDS)]
+    assert other == case.generated_ids
+    assert [s.token for s in running] == case.generated_ids[2:]
+    long = get_case("long_60s_wav")  # a longer prompt: a bigger cache, and at most GRAPH_CACHES graphs kept
+    steps = list(graph_backend.generate(_prompt(long), graph_backend.encode(long.tensors["mel"]), 8, STOP_IDS))
+    assert [s.token for s in steps] == long.generated_ids[:8]
+    assert len(decoder._graphs) <= GRAPH_CACHES and decoder._free[1].keys.shape[3] >= len(_prompt(long)) + 8
+    fresh = decoder.new_cache(2, 8)  # fixed-shape steps read masked slots too: never uninitialised memory
+    assert not fresh.keys.any() and not fresh.values.any()
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["to-the-end", "rows-stop-early"])
+def test_fixed_shape_batch_steps_equal_one_by_one(graph_backend: TorchBackend, backend: TorchBackend, early) -> None:
+    """Batched fixed-shape steps: finished rows stay in the cache, their tokens dropped; same tokens as alone."""
+    prompts, embeds = _batch_inputs(graph_backend)
+    stops = STOP_IDS
+    if early:  # rows 0 and 2 stop after 4 and 7 tokens
+        stops = [get_case(BATCH_TAGS[0]).generated_ids[3], get_case(BATCH_TAGS[2]).generated_ids[6]]
+    batch = graph_backend.generate_batch(prompts, embeds, 40, stops)
+    single = [list(backend.generate(p, e, 40, stops)) for p, e in zip(prompts, embeds, strict=True)]
+    assert [[s.token for s in row] for row in batch] == [[s.token for s in row] for row in single]
+    for row, one in zip(batch, single, strict=True):
+        assert np.allclose([s.logprob for s in row], [s.logprob for s in one], atol=1e-4)
+    if early:
+        assert [len(row) for row in batch][:3:2] == [4, 7]
+    assert graph_backend.decoder._free[len(prompts)].keys.shape[1] == len(prompts)  # pooled whole
+
+
+def test_fixed_shape_steps_after_a_prefix(graph_backend: TorchBackend) -> None:
+    """Streaming's decoding after a cached prefix (and drafts) gives the same tokens on the fixed-shape path."""
+    case = get_case("medium_10s_wav")
+    ids, embeds = _prompt(case), graph_backend.encode(case.tensors["mel"])
+    at = ids.index(graph_backend.config.audio_token_id)
+    prefix = graph_backend.prefill_prefix(ids[:at], None)
+    prefix = graph_backend.prefill_prefix(ids[at : at + 50], embeds[:50], prefix)
+    expected = case.generated_ids[:16]
+    for draft in ((), expected[:3] + [7], expected):
+        after = graph_backend.generate_after(prefix, ids[at + 50 :], embeds[50:], 16, STOP_IDS, draft=draft)
+        assert [s.token for s in after] == expected, draft
+
+
+def test_float32_convolutions_switch_tf32_off_and_back() -> None:
+    assert torch.backends.cudnn.allow_tf32
+    with float32_convolutions(torch.device("cpu")):
+        assert torch.backends.cudnn.allow_tf32  # CPU convolutions have no TF32
+    with pytest.raises(RuntimeError), float32_convolutions(torch.device("cuda")):
+        assert not torch.backends.cudnn.allow_tf32
+        raise RuntimeError
+    assert torch.backends.cudnn.allow_tf32
+
+
 # Arguments and devices ---------------------------------------------------------------------------
 
 
@@ -595,7 +679,10 @@ def test_cuda_unavailable_is_a_clear_error() -> None:
         TorchBackend(open_checkpoint(TINY), "float32", "cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the cuda path is untested on this machine")
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the cuda path is untested here")
+
+
+@cuda_only
 @pytest.mark.parametrize("quantize", [None, 8])
 def test_cuda_matches_reference(quantize: int | None) -> None:
     case = get_case("medium_10s_wav")
@@ -609,6 +696,82 @@ def test_cuda_matches_reference(quantize: int | None) -> None:
         assert ids == case.generated_ids
     else:
         assert _cosine(logits, case.tensors["logits_step0"]) >= 0.999
+
+
+@cuda_only
+@pytest.mark.parametrize("stage", STAGES)
+def test_cuda_float32_stages_match_reference(stage: str) -> None:
+    """Every stage of every case, float32 on the GPU (cuDNN's convolutions kept out of TF32)."""
+    backend = TorchBackend(open_checkpoint(TINY), "float32", "cuda")
+    for tag in CASES:
+        tensors = get_case(tag).tensors
+        with torch.inference_mode():
+            states = backend.audio_tower.hidden_states(torch.from_numpy(tensors["mel"]).cuda())
+            embeds = backend.audio_tower.project(states[-1])
+        llm = backend.decoder.layer_outputs(backend.embed_prompt(tensors["prompt_ids"].tolist(), embeds))
+        got = {
+            "enc_conv_stem": states[0], "enc_layer_0": states[1], "enc_out": states[-1], "audio_embeds": embeds,
+            "llm_layer_0": llm[0], "llm_last_hidden": llm[-1],
+        }
+        actual = got.get(stage)
+        if actual is None:
+            actual = backend.first_logits(tensors["prompt_ids"].tolist(), embeds)
+        assert rel_err(backend.to_numpy(actual), tensors[stage]) <= 1e-3, tag
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_steps_equal_eager_steps(dtype: str, record_property) -> None:
+    """Decoding replayed from CUDA graphs gives the eager steps' tokens; float32 also the reference ids."""
+    backend = TorchBackend(open_checkpoint(TINY), dtype, "cuda")
+    decoder = backend.decoder
+    assert decoder.graphs
+    for tag in ("short_2s_wav", "medium_10s_wav", "long_60s_wav", "short_2s_wav_context"):
+        case = get_case(tag)
+        embeds = backend.encode(case.tensors["mel"])
+        decoder.graphs = True
+        graphed = list(backend.generate(_prompt(case), embeds, 40, STOP_IDS))
+        decoder.graphs = False
+        eager = list(backend.generate(_prompt(case), embeds, 40, STOP_IDS))
+        assert [s.token for s in graphed] == [s.token for s in eager], tag
+        gap = max(abs(a.logprob - b.logprob) for a, b in zip(graphed, eager, strict=True))
+        record_property(f"{dtype}_{tag}_max_logprob_gap", gap)
+        if dtype == "float32":
+            assert [s.token for s in graphed] == case.generated_ids, tag
+            assert gap <= 1e-3
+    prompts, embeds = _batch_inputs(backend)
+    stops = [get_case(BATCH_TAGS[0]).generated_ids[3], *STOP_IDS]  # row 0 finishes early, and stays in the graph
+    decoder.graphs = True
+    graphed = backend.generate_batch(prompts, embeds, 40, stops)
+    decoder.graphs = False
+    eager = backend.generate_batch(prompts, embeds, 40, stops)
+    assert [[s.token for s in row] for row in graphed] == [[s.token for s in row] for row in eager]
+    if dtype == "float32":
+        assert len(graphed[0]) == 4
+        alone = [[s.token for s in backend.generate(p, e, 40, stops)] for p, e in zip(prompts, embeds, strict=True)]
+        assert [[s.token for s in row] for row in graphed] == alone
+    assert 1 <= len(decoder._graphs) <= GRAPH_CACHES
+
+
+@cuda_only
+def test_cuda_pipeline_batch_and_stream() -> None:
+    """The whole pipeline on the GPU: transcripts, a batch and a cached stream equal the CPU's, token for token."""
+    from mlx_asr import AsrPipeline
+
+    gpu = AsrPipeline.from_pretrained(TINY, backend="torch", device="cuda")
+    cpu = AsrPipeline.from_pretrained(TINY, backend="torch", device="cpu")
+    clips = [get_case(t).audio for t in ("short_2s_wav", "medium_10s_wav", "short_0p3s_wav")]
+    for clip in clips:
+        assert gpu.transcribe_detailed(clip).tokens == cpu.transcribe_detailed(clip).tokens
+    batch = gpu.transcribe_batch(clips, batch_size=3)
+    assert [r.tokens for r in batch] == [cpu.transcribe_detailed(c).tokens for c in clips]
+    wav = load_audio(get_case("medium_10s_wav").audio)
+    texts = []
+    for pipe in (gpu, cpu):
+        session = pipe.stream(language="English", mode="cached")
+        updates = [session.feed(wav[i : i + 16000], 16000) for i in range(0, wav.shape[0], 16000)]
+        texts.append([u.text for u in updates] + [session.finish().text])
+    assert texts[0] == texts[1]
 
 
 def test_shared_hann_window_equals_torch() -> None:

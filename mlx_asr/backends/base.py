@@ -98,6 +98,10 @@ class Backend(ABC):
     def synchronize(self) -> None:
         """Wait until queued work is done (for honest stage timings)."""
 
+    def peak_device_mb(self) -> float | None:
+        """Peak memory allocated on the accelerator so far, in MB; ``None`` where the device is the CPU."""
+        return None
+
     # ------------------------------------------------------------------ streaming (cached mode)
     def encode_stem(self, mel: Any) -> Any:
         """Conv-stem rows ``[tokens, d_model]`` (per-chunk positions added) of mel frames that start a chunk.

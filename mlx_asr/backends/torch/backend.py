@@ -13,7 +13,7 @@ from ...config import num_audio_tokens
 from ...errors import BackendError
 from ..base import DTYPES, Backend, Step
 from .features import log_mel
-from .llm import BATCH_PREFILL_TOKENS, Decoder, KVCache
+from .llm import BATCH_PREFILL_TOKENS, Decoder
 from .model import TORCH_DTYPES, load_model
 from .quant import PER_ROW_MODES, W8A8
 
@@ -153,6 +153,11 @@ class TorchBackend(Backend):
         if self.torch_device.type == "cuda":
             torch.cuda.synchronize(self.torch_device)
 
+    def peak_device_mb(self) -> float | None:
+        if self.torch_device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.torch_device) / 1e6
+
     # ------------------------------------------------------------------ streaming (cached mode)
     @torch.inference_mode()
     def encode_stem(self, mel: Any) -> torch.Tensor:
@@ -204,7 +209,7 @@ class _Prefix:
 
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
-        self.cache = KVCache.allocate(decoder.cfg, 1, self.ROOM, decoder.dtype, decoder.device)
+        self.cache = decoder.new_cache(1, self.ROOM)
 
     @torch.inference_mode()
     def reserve(self, more: int) -> None:
@@ -213,7 +218,7 @@ class _Prefix:
         need = old.length + more
         if need <= old.keys.shape[3]:
             return
-        grown = KVCache.allocate(self.decoder.cfg, 1, need + self.ROOM, self.decoder.dtype, self.decoder.device)
+        grown = self.decoder.new_cache(1, need + self.ROOM)
         grown.keys[:, :, :, : old.length] = old.keys[:, :, :, : old.length]
         grown.values[:, :, :, : old.length] = old.values[:, :, :, : old.length]
         grown.length = old.length

@@ -116,3 +116,19 @@ def limited_threads(count: int | None, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def float32_convolutions(device: torch.device) -> Iterator[None]:
+    """cuDNN's float32 convolutions in full float32 inside (PyTorch lets them round to TF32 by default); CUDA only.
+
+    A float32 model is the exact one: its tokens must match the official float32 outputs.
+    """
+    if device.type != "cuda" or not torch.backends.cudnn.allow_tf32:
+        yield
+        return
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = True

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import AudioEncoderConfig, Run, batch_runs, encoder_windows, num_audio_tokens, window_runs
-from .compute import slow_half
+from .compute import float32_convolutions, slow_half
 from .llm import Linear
 
 # 100-frame chunks per conv call. On CPU small batches are as fast (cache-friendly) and bound the memory
@@ -72,9 +72,13 @@ class EncoderLayer(nn.Module):
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` that runs in float32 on CPUs without native half products (:mod:`.compute`)."""
+    """``nn.Conv2d`` that runs in float32 on CPUs without native half products (:mod:`.compute`), and never in
+    TF32 when the model is float32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.float32:
+            with float32_convolutions(self.weight.device):
+                return super().forward(x)
         if not slow_half(self.weight):
             return super().forward(x)
         weight, bias = self.weight.float(), None if self.bias is None else self.bias.float()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -15,6 +17,8 @@ from .compute import float32_copy, limited_threads, one_row_products, upcast_wid
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 BATCH_PREFILL_TOKENS = 4096  # at most this many (padded) prompt tokens prefilled in one forward pass
+GRAPH_CACHES = 3  # CUDA graphs kept per decoder; each pins its KV cache (one transcript, one batch, one stream)
+GRAPH_ROOM = 256  # CUDA graphs: pooled caches have a multiple of this many positions
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,9 +75,14 @@ class KVCache:
         self.length = 0
 
     @classmethod
-    def allocate(cls, cfg: TextConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+    def allocate(
+        cls, cfg: TextConfig, batch: int, capacity: int, dtype: torch.dtype, device: torch.device, zeroed: bool = False
+    ) -> KVCache:
+        """Uninitialised unless ``zeroed``: fixed-shape steps (:class:`_StepGraph`) read every slot, and a masked
+        slot must still hold a finite number (a NaN there would spread through the attention's sums)."""
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
-        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+        make = torch.zeros if zeroed else torch.empty
+        return cls(make(shape, dtype=dtype, device=device), make(shape, dtype=dtype, device=device))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k``/``v`` ``[batch, kv_heads, S, head_dim]``; return the filled keys and values."""
@@ -90,6 +99,19 @@ class KVCache:
         """Keep only the batch rows ``rows`` (in that order)."""
         self.keys = self.keys.index_select(1, rows)
         self.values = self.values.index_select(1, rows)
+
+
+class _SlotCache(KVCache):
+    """A cache written at the slot held by a tensor and read whole (a decoding step of fixed shapes, to capture)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor) -> None:
+        super().__init__(keys, values)
+        self.slot = slot
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer].index_copy_(2, self.slot, k)
+        self.values[layer].index_copy_(2, self.slot, v)
+        return self.keys[layer], self.values[layer]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -278,6 +300,12 @@ class Decoder:
         row_threads: CPU threads for the decoder layers in a one-row decoding step (the output head keeps
             them all); ``None`` keeps them all. Each of the ~140 parallel kernels of a step wakes the
             pool's sleeping workers (see :mod:`.openmp`), which can cost more than a second thread saves.
+
+    On CUDA, decoding steps replay a captured CUDA graph (:class:`_StepGraph`) instead of launching their few
+    hundred small kernels one by one from Python; ``MLX_ASR_CUDA_GRAPHS=0`` turns that off. Measured on an H200
+    (0.6B, bf16, 10 s clip, 40 tokens): 13.4 -> 3.0 ms/token. Prompts then decode into a pooled cache per
+    batch size, so that the next transcript replays the same graph, and finished rows of a batch stay in it
+    (their tokens are dropped) instead of leaving the cache.
     """
 
     def __init__(
@@ -294,20 +322,24 @@ class Decoder:
         self.cfg = model.cfg
         weight = model.norm.weight
         self.dtype, self.device = weight.dtype, weight.device
+        self.graphs = self.device.type == "cuda" and os.environ.get("MLX_ASR_CUDA_GRAPHS", "1") != "0"
+        self._graphs: OrderedDict[tuple[int, tuple[int, ...]], _StepGraph] = OrderedDict()
+        self._free: dict[int, KVCache] = {}  # pooled caches by batch size (CUDA graphs), when no decoding holds them
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of final hidden states."""
         return self.head(hidden).float()
 
-    def _cache(self, batch: int, capacity: int) -> KVCache:
-        return KVCache.allocate(self.cfg, batch, capacity, self.dtype, self.device)
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty KV cache for ``batch`` rows of ``capacity`` positions (zeroed for CUDA-graph steps)."""
+        return KVCache.allocate(self.cfg, batch, capacity, self.dtype, self.device, zeroed=self.graphs)
 
     @torch.inference_mode()
     def layer_outputs(self, embeds: torch.Tensor) -> list[torch.Tensor]:
         """Prefill of ``[L, H]``: each decoder layer's output ``[L, H]``, then the final-normed states."""
         states: list[torch.Tensor] = []
         positions = torch.arange(embeds.shape[0], device=self.device)[None]
-        final = self.model(embeds[None].to(self.dtype), positions, self._cache(1, embeds.shape[0]), states=states)
+        final = self.model(embeds[None].to(self.dtype), positions, self.new_cache(1, embeds.shape[0]), states=states)
         return [s[0] for s in states] + [final[0]]
 
     def _prefill(self, embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -318,7 +350,7 @@ class Decoder:
     @torch.inference_mode()
     def first_logits(self, embeds: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[vocab]`` after the prompt embeddings ``[L, H]``."""
-        return self._prefill(embeds, self._cache(1, embeds.shape[0]))
+        return self._prefill(embeds, self.new_cache(1, embeds.shape[0]))
 
     @torch.inference_mode()
     def _start(self, prompts: Sequence[torch.Tensor], max_new_tokens: int) -> tuple[_Batch, torch.Tensor]:
@@ -329,9 +361,13 @@ class Decoder:
         """
         lengths = [p.shape[0] for p in prompts]
         longest = max(lengths)
-        cache = self._cache(len(prompts), longest + max_new_tokens)
+        if self.graphs:
+            cache = self._take(len(prompts), longest + max_new_tokens)
+        else:
+            cache = self.new_cache(len(prompts), longest + max_new_tokens)
+        batch = _Batch(cache, lengths, self.device, fixed=self.graphs)
         if 1 < len(prompts) and len(prompts) * longest <= self.prefill_tokens:
-            return _Batch(cache, lengths, self.device), self._prefill_together(prompts, cache)
+            return batch, self._prefill_together(prompts, cache)
         logits = []
         for row, embeds in enumerate(prompts):
             pad = longest - embeds.shape[0]
@@ -340,7 +376,7 @@ class Decoder:
                 cache.values[:, row, :, :pad] = 0
             logits.append(self._prefill(embeds, cache.row(row, pad)))
         cache.length = longest
-        return _Batch(cache, lengths, self.device), torch.stack(logits)
+        return batch, torch.stack(logits)
 
     def _prefill_together(self, prompts: Sequence[torch.Tensor], cache: KVCache) -> torch.Tensor:
         """One forward of the left-padded prompts into an empty batch cache; last-position logits ``[B, vocab]``.
@@ -364,9 +400,38 @@ class Decoder:
         hidden = self.model(embeds, positions, cache, mask)
         return self.logits(hidden[:, -1])
 
+    def _take(self, batch: int, capacity: int) -> KVCache:
+        """The pooled cache of ``batch`` rows (emptied) if it has room for ``capacity`` positions, else a new one."""
+        cache = self._free.pop(batch, None)
+        if cache is None or cache.keys.shape[3] < capacity:
+            cache = self.new_cache(batch, -(-capacity // GRAPH_ROOM) * GRAPH_ROOM)
+        cache.length = 0
+        return cache
+
+    @torch.inference_mode()
+    def _graph_step(self, batch: _Batch, tokens: list[int]) -> torch.Tensor:
+        """A step of every row, replayed from the CUDA graph of ``batch``'s cache (captured on its first step);
+        ``tokens`` are the live rows' and so are the logits returned."""
+        cache = batch.cache
+        for row, token in zip(batch.live, tokens, strict=True):
+            batch.tokens[row] = token
+        key = (cache.keys.data_ptr(), tuple(cache.keys.shape))
+        graph = self._graphs.pop(key, None)
+        if graph is None:
+            while len(self._graphs) >= GRAPH_CACHES:
+                self._graphs.popitem(last=False)
+            graph = _StepGraph(self, batch)
+        self._graphs[key] = graph
+        logits = graph(batch)
+        cache.length += 1
+        batch.positions += 1
+        return logits if len(batch.live) == len(batch.tokens) else logits[batch.live]
+
     @torch.inference_mode()
     def _step(self, batch: _Batch, tokens: list[int]) -> torch.Tensor:
         """One decoding step of every active row; float32 logits ``[B, vocab]``."""
+        if batch.fixed:
+            return self._graph_step(batch, tokens)
         ids = torch.tensor(tokens, device=self.device)[:, None]
         mask = batch.mask()
         one_row = len(tokens) == 1
@@ -389,9 +454,18 @@ class Decoder:
             return
         stops = sorted({int(s) for s in stop_ids if 0 <= int(s) < self.cfg.vocab_size})
         batch, logits = self._start(prompts, max_new_tokens)
-        rows = list(range(len(prompts)))
+        try:
+            yield from self._greedy(batch, logits, len(prompts), max_new_tokens, stops, min_new_tokens)
+        finally:
+            if batch.fixed:
+                self._free[len(prompts)] = batch.cache  # back to the pool
+
+    def _greedy(
+        self, batch: _Batch, logits: torch.Tensor, count: int, max_new_tokens: int, stops: list[int], min_new: int
+    ) -> Iterator[list[tuple[int, Step]]]:
+        rows = list(range(count))
         for n in range(max_new_tokens):
-            steps = _choose(logits, stops if n < min_new_tokens else [])
+            steps = _choose(logits, stops if n < min_new else [])
             yield list(zip(rows, steps, strict=True))
             keep = [i for i, step in enumerate(steps) if step.token not in stops]
             if n + 1 == max_new_tokens or not keep:
@@ -453,7 +527,7 @@ class Decoder:
             if i == len(draft) or step.token != draft[i]:
                 break
         view.length = start + i  # keys of the confirmed draft tokens only
-        batch = _Batch(view, [view.length], self.device)
+        batch = _Batch(view, [view.length], self.device, fixed=self.graphs)
         while True:
             logits = self._step(batch, [step.token])
             step = _choose(logits, stops if n < min_new_tokens else [])[0]
@@ -463,11 +537,71 @@ class Decoder:
                 return
 
 
-class _Batch:
-    """Decoding state of left-padded rows: the cache, each row's next position and its real keys."""
+class _StepGraph:
+    """A decoding step of a batch over its KV cache buffer, captured as a CUDA graph and replayed for each token.
 
-    def __init__(self, cache: KVCache, lengths: list[int], device: torch.device) -> None:
+    The captured step reads every slot of the buffer under a mask (each row's real keys up to the current
+    slot), so its shapes stay the same from token to token; the tokens, positions and mask are copied into
+    tensors that the graph reads. Capturing runs one eager step first (on a side stream, as CUDA graphs
+    require): it writes the same keys and values at the current slot as the replay that follows. Off CUDA
+    the same fixed-shape step runs eagerly (which is how the tests check it on any machine).
+    """
+
+    def __init__(self, decoder: Decoder, batch: _Batch) -> None:
+        cache = batch.cache
+        device = cache.keys.device
+        self.decoder, self.keys, self.values = decoder, cache.keys, cache.values
+        self.tokens = torch.tensor(batch.tokens, device=device)[:, None]
+        self.positions = batch.positions[:, None].clone()
+        self.real = batch.real.clone()
+        self.slot = torch.full((1,), cache.length, dtype=torch.long, device=device)
+        self.slots = torch.arange(cache.keys.shape[3], device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if device.type != "cuda":
+            return
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._forward()  # kernels chosen and workspaces allocated before the capture
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = self._forward()
+
+    def _forward(self) -> torch.Tensor:
+        model = self.decoder.model
+        cache = _SlotCache(self.keys, self.values, self.slot)
+        mask = (self.real & (self.slots <= self.slot))[:, None, None]
+        hidden = model(model.embed_tokens(self.tokens), self.positions, cache, mask)
+        return self.decoder.logits(hidden[:, -1])
+
+    def __call__(self, batch: _Batch) -> torch.Tensor:
+        """Float32 logits ``[B, vocab]`` after ``batch.tokens`` (valid until the next call)."""
+        if len(batch.tokens) == 1:
+            self.tokens.fill_(batch.tokens[0])
+        else:
+            self.tokens.copy_(torch.tensor(batch.tokens)[:, None])
+        self.positions.copy_(batch.positions[:, None])
+        self.real.copy_(batch.real)
+        self.slot.fill_(batch.cache.length)
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.logits
+
+
+class _Batch:
+    """Decoding state of left-padded rows: the cache, each row's next position and its real keys.
+
+    ``fixed``: the rows stay in the cache to the end, for fixed-shape steps (:class:`_StepGraph`); ``live``
+    lists the rows still decoding and ``tokens`` every row's latest token.
+    """
+
+    def __init__(self, cache: KVCache, lengths: list[int], device: torch.device, fixed: bool = False) -> None:
         self.cache = cache
+        self.fixed = fixed
+        self.live = list(range(len(lengths)))
+        self.tokens = [0] * len(lengths)
         longest = max(lengths)
         self.positions = torch.tensor(lengths, device=device)
         capacity = cache.keys.shape[3]
@@ -483,7 +617,11 @@ class _Batch:
 
     @torch.inference_mode()
     def select(self, keep: list[int]) -> None:
-        """Keep only the rows ``keep`` (finished rows leave the batch)."""
+        """Keep only the live rows ``keep`` (indices into ``live``): finished rows leave the batch, or only
+        ``live`` when the batch is ``fixed``."""
+        if self.fixed:
+            self.live = [self.live[i] for i in keep]
+            return
         rows = torch.tensor(keep, device=self.positions.device)
         self.cache.select(rows)
         self.positions = self.positions[rows]

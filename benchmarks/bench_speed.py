@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""CPU speed and memory of the torch backend (bf16 / int8 / int4) side by side with the official qwen-asr.
+"""Speed and memory of the torch backend (bf16 / int8 / int4 / ...) side by side with the official qwen-asr.
+
+On the CPU by default; ``--device cuda`` runs both on the GPU (stage times then synchronise the device, and
+the reports add the peak of GPU memory allocated, ``peak_device_mb``).
 
 Every measurement runs in a fresh process, so load time and peak RSS belong to one configuration:
 
@@ -38,7 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 AUDIO_10S = ROOT / "tests" / "fixtures" / "audio" / "medium_10s.flac"
 AUDIO_60S = ROOT / "tests" / "fixtures" / "audio" / "long_60s.flac"
-QUANT = {"bf16": None, "int8": 8, "int4": 4, "w8a8": "w8a8", "w8a8a": "w8a8"}
+QUANT = {"bf16": None, "fp16": None, "fp32": None, "int8": 8, "int4": 4, "w8a8": "w8a8", "w8a8a": "w8a8"}
+DTYPE = {"fp16": "float16", "fp32": "float32"}  # the other configs compute in bfloat16
 AUDIO_W8A8 = ("w8a8a",)  # configs whose audio encoder linears are W8A8 too (quantize_audio)
 STAGES = ("audio", "features", "encoder", "prefill", "decode")
 
@@ -107,7 +111,20 @@ def _our_pipeline(spec: dict):
     options = {"quantize": QUANT[spec["config"]], "quantize_audio": spec["config"] in AUDIO_W8A8}
     if spec.get("threads"):
         options["threads"] = spec["threads"]
-    return AsrPipeline.from_pretrained(spec["model"], backend="torch", device="cpu", dtype="bfloat16", **options)
+    dtype = DTYPE.get(spec["config"], "bfloat16")
+    return AsrPipeline.from_pretrained(spec["model"], backend="torch", device=_device(spec), dtype=dtype, **options)
+
+
+def _device(spec: dict) -> str:
+    return spec.get("device", "cpu")
+
+
+def _peak_device_mb(spec: dict) -> float | None:
+    if _device(spec) == "cpu":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 1e6
 
 
 def worker_ours_speed(spec: dict) -> dict:
@@ -139,6 +156,7 @@ def worker_ours_speed(spec: dict) -> dict:
         **_stage_summary(runs, n, first.duration),
         **after_load,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_device_mb": _peak_device_mb(spec),
         "runs": runs,
         "text": first.raw[:60],
         "threads": _torch_threads(),
@@ -231,7 +249,7 @@ def _official_load(spec: dict):
     from qwen_asr import Qwen3ASRModel
 
     return Qwen3ASRModel.from_pretrained(
-        spec["model"], dtype=torch.bfloat16, device_map="cpu", max_new_tokens=spec["tokens"]
+        spec["model"], dtype=torch.bfloat16, device_map=_device(spec), max_new_tokens=spec["tokens"]
     )
 
 
@@ -250,15 +268,22 @@ def worker_official_speed(spec: dict) -> dict:
     model, proc = asr.model, asr.processor
     tower = model.thinker.audio_tower
     marks: dict[str, list[float]] = {"start": [], "end": []}
-    tower.register_forward_pre_hook(lambda *a: marks["start"].append(time.perf_counter()))
-    tower.register_forward_hook(lambda *a: marks["end"].append(time.perf_counter()))
+    cuda = _device(spec) != "cpu"
+
+    def now() -> float:  # on a GPU, once the queued work is done
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    tower.register_forward_pre_hook(lambda *a: marks["start"].append(now()))
+    tower.register_forward_hook(lambda *a: marks["end"].append(now()))
 
     class Streamer:  # transformers streamer: put() once with the prompt, then once per new token
         def __init__(self):
             self.t: list[float] = []
 
         def put(self, value):
-            self.t.append(time.perf_counter())
+            self.t.append(now())
 
         def end(self):
             pass
@@ -311,6 +336,7 @@ def worker_official_speed(spec: dict) -> dict:
         **_stage_summary(runs, n, seconds),
         **after_load,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_device_mb": _peak_device_mb(spec),
         "runs": runs,
         "text": text[:60],
         "threads": torch.get_num_threads(),
@@ -455,12 +481,15 @@ def markdown(report: dict) -> str:
     for model in report["models"]:
         name = model["name"]
         official = next((r for r in model["speed"] if r["impl"] == "official"), None)
-        lines.append(f"\n#### {name}: {report['audio_seconds']:.1f} s clip, {report['tokens']} forced new tokens\n")
+        lines.append(
+            f"\n#### {name} on {report.get('device', 'cpu')}: {report['audio_seconds']:.1f} s clip, "
+            f"{report['tokens']} forced new tokens\n"
+        )
         lines.append(
             "| impl | weights | load s | features s | encoder s | prefill s | decode ms/tok | total s | RTF "
-            "| peak RSS MB | cold 1st transcript s | RTF vs official | CPU pressure |"
+            "| peak RSS MB | peak GPU MB | cold 1st transcript s | RTF vs official | CPU pressure |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in model["speed"]:
             cold = next(
                 (
@@ -475,6 +504,7 @@ def markdown(report: dict) -> str:
                 f"| {r['impl']} | {r['config']} | {fmt(r['load_s'], 2)} | {fmt(r['audio_s'] + r['features_s'])} "
                 f"| {fmt(r['encoder_s'])} | {fmt(r['prefill_s'])} | {fmt(r['decode_ms_per_token'], 1)} "
                 f"| {fmt(r['total_s'], 2)} | {fmt(r['rtf'])} | {r['peak_rss_mb']:.0f} "
+                f"| {fmt(r.get('peak_device_mb'), 0)} "
                 f"| {fmt(cold['wall_s'] if cold else None, 2)} | {f'{ratio:.2f}x' if ratio else '–'} "
                 f"| {fmt(r.get('pressure'), 2)} |"
             )
@@ -520,8 +550,11 @@ def main(argv: list[str] | None = None) -> int:
         help="checkpoint folder (repeat for several; default: benchmarks/models/0.6b-random)",
     )
     ap.add_argument(
-        "--configs", default="bf16,int8,int4", help="our configs: bf16, int8, int4, w8a8, w8a8a (w8a8 + audio encoder)"
+        "--configs",
+        default="bf16,int8,int4",
+        help="our configs: bf16, fp16, fp32, int8, int4, w8a8, w8a8a (w8a8 + audio encoder); int4, w8a8: CPU only",
     )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (ours and the official package)")
     ap.add_argument("--official-python", help="python of a venv with qwen-asr==0.0.6 (skipped when not given)")
     ap.add_argument("--audio", default=str(AUDIO_10S))
     ap.add_argument("--tokens", type=int, default=40, help="forced new tokens per transcription")
@@ -580,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         "env": args.env,
         "contention": args.contention,
         "cpus": os.cpu_count(),
+        "device": args.device,
         "loadavg_start": loadavg(),
         "models": [],
     }
@@ -590,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             for model in models:
                 entry = {"name": Path(model).name, "path": model, "speed": [], "cold": [], "batch": []}
                 report["models"].append(entry)
-                base = {"model": model, "threads": args.threads, "runs": args.runs}
+                base = {"model": model, "threads": args.threads, "runs": args.runs, "device": args.device}
 
                 def run(python, kind, spec, env, entry_key, label, entry=entry):
                     results = measure(python, kind, spec, env, args.repeat, args.max_pressure, args.tries)

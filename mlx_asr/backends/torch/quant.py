@@ -13,7 +13,8 @@
 The weight-only CPU kernels are fast only with bfloat16 activations (float32 inputs take a path ~10x
 slower), so those layers compute in bfloat16 whatever the model dtype and cast the result back. Scales are
 rounded to bfloat16 *before* the weights are rounded, so the stored scales are exact.
-Off the CPU (CUDA), int8 weights are dequantized on the fly: it saves memory, not time.
+Off the CPU (CUDA), int8 weights are dequantized on the fly: it saves memory, not time (H200, 0.6B:
+4.8 against 3.0 ms/token in bf16, 262 MB less GPU memory).
 Every layer takes a list of weights ``[out_i, in]`` and computes their concatenated outputs, so fused
 q/k/v and gate/up layers are quantized straight from the checkpoint's separate tensors.
 """

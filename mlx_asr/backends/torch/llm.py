@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
@@ -457,8 +458,11 @@ class Decoder:
         try:
             yield from self._greedy(batch, logits, len(prompts), max_new_tokens, stops, min_new_tokens)
         finally:
-            if batch.fixed:
+            if batch.fixed and self.graphs:
                 self._free[len(prompts)] = batch.cache  # back to the pool
+            elif not self.graphs:  # graphs turned off meanwhile: nothing kept for them
+                self._graphs.clear()
+                self._free.clear()
 
     def _greedy(
         self, batch: _Batch, logits: torch.Tensor, count: int, max_new_tokens: int, stops: list[int], min_new: int
@@ -557,16 +561,26 @@ class _StepGraph:
         self.slot = torch.full((1,), cache.length, dtype=torch.long, device=device)
         self.slots = torch.arange(cache.keys.shape[3], device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        if device.type != "cuda":
+        if device.type == "cuda":
+            self._capture(device)
+
+    def _capture(self, device: torch.device) -> None:
+        """Capture the step as a CUDA graph. Where that fails, warn, keep this step eager and turn the
+        decoder's graphs off (later decodings take the plain eager path)."""
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                self._forward()  # kernels chosen and workspaces allocated before the capture
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.logits = self._forward()
+        except RuntimeError as exc:
+            self.decoder.graphs = False
+            warnings.warn(f"decoding without CUDA graphs: capturing one failed ({exc})", RuntimeWarning, stacklevel=2)
             return
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            self._forward()  # kernels chosen and workspaces allocated before the capture
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.logits = self._forward()
+        self.graph = graph
 
     def _forward(self) -> torch.Tensor:
         model = self.decoder.model

@@ -8,6 +8,7 @@ the teacher-forced per-step agreement is the meaningful token metric).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from functools import cache
 from pathlib import Path
@@ -652,6 +653,7 @@ def test_failed_graph_capture_falls_back_to_eager_steps(graph_backend: TorchBack
     def no_stream(device):
         raise RuntimeError("operation not permitted when stream is capturing")
 
+    monkeypatch.setattr(llm.torch.cuda, "device", lambda device: contextlib.nullcontext())  # no GPU to select here
     monkeypatch.setattr(llm.torch.cuda, "Stream", no_stream)
     with pytest.warns(RuntimeWarning, match="without CUDA graphs"):
         step._capture(torch.device("cuda"))

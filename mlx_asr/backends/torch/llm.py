@@ -568,14 +568,15 @@ class _StepGraph:
         """Capture the step as a CUDA graph. Where that fails, warn, keep this step eager and turn the
         decoder's graphs off (later decodings take the plain eager path)."""
         try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                self._forward()  # kernels chosen and workspaces allocated before the capture
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.logits = self._forward()
+            with torch.cuda.device(device):  # the graph's streams on the model's GPU, not the current one
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    self._forward()  # kernels chosen and workspaces allocated before the capture
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.logits = self._forward()
         except RuntimeError as exc:
             self.decoder.graphs = False
             warnings.warn(f"decoding without CUDA graphs: capturing one failed ({exc})", RuntimeWarning, stacklevel=2)

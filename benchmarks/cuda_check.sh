@@ -14,7 +14,7 @@
 # (default /tmp/mlx-asr-models). A step that fails is logged and the next one runs.
 set -uo pipefail
 OUT=${1:?usage: cuda_check.sh OUT [SIZES]}
-SIZES=${2:-0.6b 1.7b}
+SIZES=${2-0.6b 1.7b}  # "" for none (tests only)
 STEPS=" ${3:-tests eager speed cold-batch} "
 MODELS=${MODELS:-/tmp/mlx-asr-models}
 PY=${PYTHON:-python3}

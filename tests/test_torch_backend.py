@@ -606,6 +606,10 @@ def test_fixed_shape_steps_pool_and_bound_their_caches(graph_backend: TorchBacke
     steps = list(graph_backend.generate(_prompt(long), graph_backend.encode(long.tensors["mel"]), 8, STOP_IDS))
     assert [s.token for s in steps] == long.generated_ids[:8]
     assert len(decoder._graphs) <= GRAPH_CACHES and decoder._free[1].keys.shape[3] >= len(_prompt(long)) + 8
+    prompts, embeds = _batch_inputs(graph_backend)
+    for size in (2, 3, 4):  # a pooled cache per batch size, each with its graph: the oldest go together
+        graph_backend.generate_batch(prompts[:size], embeds[:size], 3, STOP_IDS)
+    assert len(decoder._graphs) == GRAPH_CACHES and sorted(decoder._free) == [2, 3, 4]
     fresh = decoder.new_cache(2, 8)  # fixed-shape steps read masked slots too: never uninitialised memory
     assert not fresh.keys.any() and not fresh.values.any()
 

@@ -419,8 +419,9 @@ class Decoder:
         key = (cache.keys.data_ptr(), tuple(cache.keys.shape))
         graph = self._graphs.pop(key, None)
         if graph is None:
-            while len(self._graphs) >= GRAPH_CACHES:
-                self._graphs.popitem(last=False)
+            while len(self._graphs) >= GRAPH_CACHES:  # the oldest graph goes, and its pooled cache with it
+                (pointer, _), _ = self._graphs.popitem(last=False)
+                self._free = {n: c for n, c in self._free.items() if c.keys.data_ptr() != pointer}
             graph = _StepGraph(self, batch)
         self._graphs[key] = graph
         logits = graph(batch)

@@ -64,14 +64,21 @@ def one_row_products(device: torch.device) -> Iterator[None]:
     oneDNN is PyTorch's process-wide switch: a product in another thread meanwhile takes the slower path,
     nothing worse. A no-op where the user already turned oneDNN off, and off the CPU.
     """
-    if device.type != "cpu" or not torch.backends.mkldnn.enabled:
+    with _switched_off(torch.backends.mkldnn, "enabled", device.type == "cpu"):
+        yield
+
+
+@contextlib.contextmanager
+def _switched_off(owner: object, flag: str, applies: bool) -> Iterator[None]:
+    """PyTorch's process-wide switch ``owner.flag`` off inside, then on again; a no-op unless ``applies`` and on."""
+    if not applies or not getattr(owner, flag):
         yield
         return
-    torch.backends.mkldnn.enabled = False
+    setattr(owner, flag, False)
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = True
+        setattr(owner, flag, True)
 
 
 def upcast_wide(weight: torch.Tensor, rows: int) -> bool:
@@ -124,11 +131,5 @@ def float32_convolutions(device: torch.device) -> Iterator[None]:
 
     A float32 model is the exact one: its tokens must match the official float32 outputs.
     """
-    if device.type != "cuda" or not torch.backends.cudnn.allow_tf32:
+    with _switched_off(torch.backends.cudnn, "allow_tf32", device.type == "cuda"):
         yield
-        return
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = True

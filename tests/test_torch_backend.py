@@ -33,6 +33,7 @@ from mlx_asr.backends.torch.compute import (  # noqa: E402
 from mlx_asr.backends.torch.encoder import Conv2d  # noqa: E402
 from mlx_asr.backends.torch.llm import GRAPH_CACHES, Decoder, Linear  # noqa: E402
 from mlx_asr.backends.torch.model import load_model  # noqa: E402
+from mlx_asr.backends.torch.openmp import workers_spin  # noqa: E402
 from mlx_asr.backends.torch.quant import (  # noqa: E402
     DynamicInt8Linear,
     Int4Linear,
@@ -410,13 +411,45 @@ def test_w8a8_linear_is_per_token_and_thread_independent() -> None:
     assert torch.equal(linear(torch.zeros(1, 64)), torch.zeros(1, 64))
 
 
+@pytest.mark.parametrize(
+    ("env", "spinning"),
+    [
+        ({}, True),  # libgomp's default, 300000 spins (PyTorch loaded before this package set anything)
+        ({"GOMP_SPINCOUNT": "1000"}, False),  # this package's default
+        ({"GOMP_SPINCOUNT": "10000"}, True),
+        ({"GOMP_SPINCOUNT": "1k"}, False),
+        ({"GOMP_SPINCOUNT": "10K"}, True),
+        ({"GOMP_SPINCOUNT": "infinity"}, True),
+        ({"GOMP_SPINCOUNT": "lots"}, True),  # libgomp ignores it and keeps its default
+        ({"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "1000000"}, False),
+        ({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10"}, True),
+    ],
+)
+def test_workers_spin_reads_the_wait_policy(monkeypatch, env: dict[str, str], spinning: bool) -> None:
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert workers_spin() is spinning
+
+
+@needs_fbgemm
+def test_w8a8_row_threads_follow_the_spin_policy(monkeypatch) -> None:
+    """One thread for w8a8 one-row steps where waking the pool's sleeping workers costs; both where they spin."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    for count, threads in (("1000", 1), ("100000", None)):
+        monkeypatch.setenv("GOMP_SPINCOUNT", count)
+        assert TorchBackend(open_checkpoint(TINY), "float32", "cpu", quantize="w8a8").decoder.row_threads == threads
+    assert TorchBackend(open_checkpoint(TINY), "float32", "cpu", quantize=8).decoder.row_threads is None
+
+
 @needs_fbgemm
 def test_w8a8_generate_batch_equals_one_by_one() -> None:
     """Each row is quantized on its own, so batching changes nothing (in float32; bf16 attention itself
     rounds differently with the batch's padded shapes)."""
     backend = _backend("float32", "w8a8")
     assert backend.decoder.prefill_tokens == 0  # per-row kernels: each prompt is prefilled alone
-    assert backend.decoder.row_threads == 1  # one-row steps: the layers on one thread
+    assert backend.decoder.row_threads == (None if workers_spin() else 1)  # see the next test
     prompts, embeds = _batch_inputs(backend)
     batch = backend.generate_batch(prompts, embeds, 12, STOP_IDS)
     for prompt, embed, row in zip(prompts, embeds, batch, strict=True):

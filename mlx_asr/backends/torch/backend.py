@@ -15,6 +15,7 @@ from ..base import DTYPES, Backend, Step
 from .features import log_mel
 from .llm import BATCH_PREFILL_TOKENS, Decoder
 from .model import TORCH_DTYPES, load_model
+from .openmp import workers_spin
 from .quant import PER_ROW_MODES, W8A8
 
 
@@ -84,8 +85,10 @@ class TorchBackend(Backend):
         # core nearly saturates it; see Decoder). Measured on 2 cores (Zen 4, 0.6B, decode-only loop, six
         # alternating pairs of processes): 44-55 against 53-64 ms/token. Not for bf16 or weight-only int8,
         # whose one-row kernels gain from the second thread (bf16 86-90 against 93-100 ms/token on one thread,
-        # int8 70-72 against 88), nor for batches (8 rows: 92-101 against 108 ms/step).
-        row_threads = 1 if quantize == W8A8 else None
+        # int8 70-72 against 88), nor for batches (8 rows: 92-101 against 108 ms/step), nor where the pool's
+        # workers spin long (MLX_ASR_OMP_SPIN=10000: 37.5-48.0 ms/token on both threads against 45.1-57.8 on one,
+        # three alternating pairs of processes): the rule pays for waking sleeping workers.
+        row_threads = 1 if quantize == W8A8 and not workers_spin() else None
         self.decoder = Decoder(thinker.model, thinker.output_head(), prefill_tokens, row_threads)
 
     def log_mel(self, samples: np.ndarray) -> torch.Tensor:

@@ -21,7 +21,10 @@ import os
 import sys
 
 SPIN_COUNT = 1000  # iterations a worker spins before it sleeps (libgomp's default: 300000)
+LIBGOMP_SPIN_COUNT = 300_000
+LONG_SPIN = 10_000  # from this many spins on, a worker is still awake for the next kernel of a decoding step
 USER_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 
 def configure_openmp() -> str | None:
@@ -37,3 +40,22 @@ def configure_openmp() -> str | None:
     value = choice if choice.isdigit() else str(SPIN_COUNT)
     os.environ["GOMP_SPINCOUNT"] = value
     return value
+
+
+def workers_spin() -> bool:
+    """Whether idle OpenMP workers spin long enough to be awake for the next small kernel (from the environment).
+
+    True under ``OMP_WAIT_POLICY=active``, or with at least :data:`LONG_SPIN` spins (``GOMP_SPINCOUNT``, or
+    libgomp's default when it is unset: the case where PyTorch was loaded before :func:`configure_openmp`).
+    """
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().lower()
+    if policy in ("active", "passive"):
+        return policy == "active"
+    count = os.environ.get("GOMP_SPINCOUNT", "").strip().lower()
+    if not count:
+        return LIBGOMP_SPIN_COUNT >= LONG_SPIN
+    if count.startswith("infinit"):
+        return True
+    scale = _SUFFIXES.get(count[-1], 1)
+    digits = count[:-1] if count[-1] in _SUFFIXES else count
+    return not digits.isdigit() or int(digits) * scale >= LONG_SPIN  # unparsable: libgomp keeps its default

@@ -14,8 +14,8 @@ backend sets ``GOMP_SPINCOUNT`` to :data:`SPIN_COUNT` before PyTorch loads. It o
 imported yet (libgomp reads its settings once, when it is loaded); the CLI and ``AsrPipeline`` import this
 module first. ``MLX_ASR_OMP_SPIN=default`` keeps libgomp's own default; ``MLX_ASR_OMP_SPIN=N`` sets N.
 Measured later with w8a8 + quantize_audio (0.6B, 2 Zen 4 cores, ``bench_speed.py``): at 10000 spins (both
-threads, see :func:`workers_spin`) 37.6-37.9 ms/token idle but 135-140 beside one busy process, against
-47-61 idle and 51-61 beside it at 1000.
+threads, see :func:`workers_spin`) 37.6-37.9 ms/token on idle cores; beside one busy process 135-140 ms/token,
+against 51-61 at 1000 spins.
 """
 
 from __future__ import annotations

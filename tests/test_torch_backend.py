@@ -421,8 +421,11 @@ def test_w8a8_linear_is_per_token_and_thread_independent() -> None:
         ({"GOMP_SPINCOUNT": "10K"}, True),
         ({"GOMP_SPINCOUNT": "infinity"}, True),
         ({"GOMP_SPINCOUNT": "lots"}, True),  # libgomp ignores it and keeps its default
-        ({"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "1000000"}, False),
-        ({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10"}, True),
+        ({"OMP_WAIT_POLICY": "passive"}, False),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, True),
+        ({"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "1000000"}, True),  # a set count wins, as in libgomp
+        ({"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": "10"}, False),
+        ({"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "lots"}, False),
     ],
 )
 def test_workers_spin_reads_the_wait_policy(monkeypatch, env: dict[str, str], spinning: bool) -> None:

@@ -48,17 +48,18 @@ def configure_openmp() -> str | None:
 def workers_spin() -> bool:
     """Whether idle OpenMP workers spin long enough to be awake for the next small kernel (from the environment).
 
-    True under ``OMP_WAIT_POLICY=active``, or with at least :data:`LONG_SPIN` spins (``GOMP_SPINCOUNT``, or
-    libgomp's default when it is unset: the case where PyTorch was loaded before :func:`configure_openmp`).
+    As libgomp decides: ``GOMP_SPINCOUNT`` when it is set (at least :data:`LONG_SPIN` spins), else
+    ``OMP_WAIT_POLICY`` (``active`` spins, ``passive`` does not), else libgomp's default, which spins (the
+    case where PyTorch was loaded before :func:`configure_openmp` could set anything).
     """
-    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().lower()
-    if policy in ("active", "passive"):
-        return policy == "active"
     count = os.environ.get("GOMP_SPINCOUNT", "").strip().lower()
-    if not count:
-        return LIBGOMP_SPIN_COUNT >= LONG_SPIN
+    scale = _SUFFIXES.get(count[-1:], 1)
+    digits = count[:-1] if count[-1:] in _SUFFIXES else count
     if count.startswith("infinit"):
         return True
-    scale = _SUFFIXES.get(count[-1], 1)
-    digits = count[:-1] if count[-1] in _SUFFIXES else count
-    return not digits.isdigit() or int(digits) * scale >= LONG_SPIN  # unparsable: libgomp keeps its default
+    if digits.isdigit():
+        return int(digits) * scale >= LONG_SPIN
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().lower()  # no (valid) count: libgomp's defaults
+    if policy in ("active", "passive"):
+        return policy == "active"
+    return LIBGOMP_SPIN_COUNT >= LONG_SPIN

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -23,6 +24,7 @@ torch = pytest.importorskip("torch")
 from mlx_asr.audio import load_audio  # noqa: E402
 from mlx_asr.backends.base import Step  # noqa: E402
 from mlx_asr.backends.torch import TorchBackend  # noqa: E402
+from mlx_asr.backends.torch.backend import shared_cores  # noqa: E402
 from mlx_asr.backends.torch.compute import (  # noqa: E402
     float32_convolutions,
     limited_threads,
@@ -30,6 +32,7 @@ from mlx_asr.backends.torch.compute import (  # noqa: E402
     one_row_products,
     upcast_wide,
 )
+from mlx_asr.backends.torch.cores import FreeCores  # noqa: E402
 from mlx_asr.backends.torch.encoder import Conv2d  # noqa: E402
 from mlx_asr.backends.torch.llm import GRAPH_CACHES, Decoder, Linear  # noqa: E402
 from mlx_asr.backends.torch.model import load_model  # noqa: E402
@@ -323,6 +326,56 @@ def test_limited_threads_caps_and_restores() -> None:
         for count, device in ((None, "cpu"), (4, "cpu"), (1, "cuda")):
             with limited_threads(count, torch.device(device)):
                 assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+class _FixedCores:
+    """A :class:`FreeCores` stand-in that always finds ``count`` free cores."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def threads(self) -> int:
+        return self.count
+
+
+def test_shared_cores_only_where_nobody_chose_threads(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("MLX_ASR_SHARE_CORES", raising=False)
+    assert shared_cores(torch.device("cuda"), None) is None
+    assert shared_cores(cpu, 2) is None
+    monkeypatch.setenv("MLX_ASR_SHARE_CORES", "0")
+    assert shared_cores(cpu, None) is None
+    monkeypatch.setenv("MLX_ASR_SHARE_CORES", "1")
+    cores = shared_cores(cpu, None)
+    if sys.platform.startswith("linux"):
+        assert isinstance(cores, FreeCores) and cores.most == torch.get_num_threads()
+    monkeypatch.setattr(FreeCores, "available", False)
+    assert shared_cores(cpu, None) is None
+
+
+def test_transcription_runs_on_the_free_cores(monkeypatch) -> None:
+    """Every stage's forward passes run capped at the free cores, and the tokens stay the reference ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        backend = TorchBackend(open_checkpoint(TINY), "float32", "cpu")
+        backend.decoder.cores = _FixedCores(1)
+        seen: list[tuple[str, int]] = []
+        for name, module in (("encoder", backend.audio_tower), ("decoder", backend.decoder.model)):
+            module.register_forward_pre_hook(lambda *_, name=name: seen.append((name, torch.get_num_threads())))
+        case = get_case("short_2s_wav")
+        embeds = backend.encode(backend.log_mel(load_audio(case.audio)))
+        steps = list(backend.generate(_prompt(case), embeds, 40, STOP_IDS))
+        assert [s.token for s in steps] == case.generated_ids
+        assert {name for name, _ in seen} == {"encoder", "decoder"}
+        assert all(threads == 1 for _, threads in seen)
+        assert torch.get_num_threads() == 2  # restored between the calls
+        backend.decoder.cores = _FixedCores(4)  # more than PyTorch has: PyTorch's count
+        seen.clear()
+        list(backend.generate(_prompt(case), embeds, 2, STOP_IDS))
+        assert seen and all(threads == 2 for _, threads in seen)
     finally:
         torch.set_num_threads(before)
 

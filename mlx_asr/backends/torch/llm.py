@@ -15,6 +15,7 @@ from torch import nn
 from ...config import TextConfig
 from ..base import Step
 from .compute import float32_copy, limited_threads, one_row_products, upcast_wide
+from .cores import FreeCores
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 BATCH_PREFILL_TOKENS = 4096  # at most this many (padded) prompt tokens prefilled in one forward pass
@@ -301,6 +302,8 @@ class Decoder:
         row_threads: CPU threads for the decoder layers in a one-row decoding step (the output head keeps
             them all); ``None`` keeps them all. Each of the ~140 parallel kernels of a step wakes the
             pool's sleeping workers (see :mod:`.openmp`), which can cost more than a second thread saves.
+        cores: caps the CPU threads of every forward pass at the cores other processes leave free (see
+            :mod:`.cores`); ``None`` keeps PyTorch's count.
 
     On CUDA, decoding steps replay a captured CUDA graph (:class:`_StepGraph`) instead of launching their few
     hundred small kernels one by one from Python; ``MLX_ASR_CUDA_GRAPHS=0`` turns that off. Measured on an H200
@@ -315,17 +318,23 @@ class Decoder:
         head: Head,
         prefill_tokens: int = BATCH_PREFILL_TOKENS,
         row_threads: int | None = None,
+        cores: FreeCores | None = None,
     ) -> None:
         self.model = model
         self.head = head
         self.prefill_tokens = prefill_tokens
         self.row_threads = row_threads
+        self.cores = cores
         self.cfg = model.cfg
         weight = model.norm.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.graphs = self.device.type == "cuda" and os.environ.get("MLX_ASR_CUDA_GRAPHS", "1") != "0"
         self._graphs: OrderedDict[tuple[int, tuple[int, ...]], _StepGraph] = OrderedDict()
         self._free: dict[int, KVCache] = {}  # pooled caches by batch size (CUDA graphs), when no decoding holds them
+
+    def on_free_cores(self) -> contextlib.AbstractContextManager[None]:
+        """At most as many PyTorch threads inside as there are free CPU cores now (see ``cores``)."""
+        return limited_threads(self.cores.threads() if self.cores else None, self.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of final hidden states."""
@@ -351,7 +360,8 @@ class Decoder:
     @torch.inference_mode()
     def first_logits(self, embeds: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[vocab]`` after the prompt embeddings ``[L, H]``."""
-        return self._prefill(embeds, self.new_cache(1, embeds.shape[0]))
+        with self.on_free_cores():
+            return self._prefill(embeds, self.new_cache(1, embeds.shape[0]))
 
     @torch.inference_mode()
     def _start(self, prompts: Sequence[torch.Tensor], max_new_tokens: int) -> tuple[_Batch, torch.Tensor]:
@@ -367,8 +377,14 @@ class Decoder:
         else:
             cache = self.new_cache(len(prompts), longest + max_new_tokens)
         batch = _Batch(cache, lengths, self.device, fixed=self.graphs)
+        with self.on_free_cores():
+            return batch, self._prefill_rows(prompts, cache)
+
+    def _prefill_rows(self, prompts: Sequence[torch.Tensor], cache: KVCache) -> torch.Tensor:
+        """Prefill of the prompts into their left-padded rows of an empty batch cache; logits ``[B, vocab]``."""
+        longest = max(p.shape[0] for p in prompts)
         if 1 < len(prompts) and len(prompts) * longest <= self.prefill_tokens:
-            return batch, self._prefill_together(prompts, cache)
+            return self._prefill_together(prompts, cache)
         logits = []
         for row, embeds in enumerate(prompts):
             pad = longest - embeds.shape[0]
@@ -377,7 +393,7 @@ class Decoder:
                 cache.values[:, row, :, :pad] = 0
             logits.append(self._prefill(embeds, cache.row(row, pad)))
         cache.length = longest
-        return batch, torch.stack(logits)
+        return torch.stack(logits)
 
     def _prefill_together(self, prompts: Sequence[torch.Tensor], cache: KVCache) -> torch.Tensor:
         """One forward of the left-padded prompts into an empty batch cache; last-position logits ``[B, vocab]``.
@@ -437,7 +453,7 @@ class Decoder:
         ids = torch.tensor(tokens, device=self.device)[:, None]
         mask = batch.mask()
         one_row = len(tokens) == 1
-        with one_row_products(self.device) if one_row else contextlib.nullcontext():
+        with one_row_products(self.device) if one_row else contextlib.nullcontext(), self.on_free_cores():
             with limited_threads(self.row_threads if one_row else None, self.device):
                 hidden = self.model(self.model.embed_tokens(ids), batch.positions[:, None], batch.cache, mask)
             logits = self.logits(hidden[:, -1])
@@ -493,8 +509,9 @@ class Decoder:
         mask = None
         if start and count > 1:  # causal over the cached keys plus the new ones
             mask = torch.ones(count, start + count, dtype=torch.bool, device=self.device).tril(start)[None, None]
-        hidden = self.model(embeds[None].to(self.dtype), positions, cache, mask)
-        return self.logits(hidden[0, -last:]) if last else None
+        with self.on_free_cores():
+            hidden = self.model(embeds[None].to(self.dtype), positions, cache, mask)
+            return self.logits(hidden[0, -last:]) if last else None
 
     def decode_after(
         self,

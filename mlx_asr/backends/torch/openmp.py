@@ -13,9 +13,12 @@ So, unless the user chose a policy (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` in
 backend sets ``GOMP_SPINCOUNT`` to :data:`SPIN_COUNT` before PyTorch loads. It only works if PyTorch was not
 imported yet (libgomp reads its settings once, when it is loaded); the CLI and ``AsrPipeline`` import this
 module first. ``MLX_ASR_OMP_SPIN=default`` keeps libgomp's own default; ``MLX_ASR_OMP_SPIN=N`` sets N.
-Measured later with w8a8 + quantize_audio (0.6B, 2 Zen 4 cores, ``bench_speed.py``): at 10000 spins (both
-threads, see :func:`workers_spin`) 37.6-37.9 ms/token on idle cores; beside one busy process 135-140 ms/token,
-against 51-61 at 1000 spins.
+
+The count was 1000 until the backend learnt to run on the cores other processes leave free (:mod:`.cores`):
+beside a busy process it now runs one thread, whose workers never wait, so the count only matters on free
+cores, where the long spin is the fast one. Measured with w8a8 + quantize_audio (0.6B, 10 s clip, 40 tokens,
+2 Zen 4 cores): at 10000 spins 36.2-39.6 ms/token (RTF 0.191-0.208) on idle cores against 43-45 (0.222-0.236)
+at 1000, and beside one busy process RTF 0.29-0.31 (one thread) against 0.70-0.75 on two threads.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import os
 import sys
 
-SPIN_COUNT = 1000  # iterations a worker spins before it sleeps (libgomp's default: 300000)
+SPIN_COUNT = 10_000  # iterations a worker spins before it sleeps (libgomp's default: 300000)
 LIBGOMP_SPIN_COUNT = 300_000
 LONG_SPIN = 10_000  # from this many spins on, a worker is still awake for the next kernel of a decoding step
 USER_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")

@@ -468,7 +468,7 @@ def test_w8a8_linear_is_per_token_and_thread_independent() -> None:
     ("env", "spinning"),
     [
         ({}, True),  # libgomp's default, 300000 spins (PyTorch loaded before this package set anything)
-        ({"GOMP_SPINCOUNT": "1000"}, False),  # this package's default
+        ({"GOMP_SPINCOUNT": "1000"}, False),  # this package's default until it capped its threads at the free cores
         ({"GOMP_SPINCOUNT": "10000"}, True),
         ({"GOMP_SPINCOUNT": "1k"}, False),
         ({"GOMP_SPINCOUNT": "10K"}, True),

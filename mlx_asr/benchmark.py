@@ -93,6 +93,7 @@ def speed(
         "clips": rows,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_device_mb": _round(pipe.backend.peak_device_mb()),
+        "cpu_threads": pipe.backend.cpu_threads(),
     }
 
 
@@ -205,8 +206,9 @@ def format_report(report: dict[str, Any]) -> str:
     if report["mode"] == "speed":
         device = report.get("peak_device_mb")
         device_memory = "" if device is None else f", peak device memory {device:.0f} MB"
+        threads = "" if report.get("cpu_threads") is None else f", {report['cpu_threads']} CPU thread(s) at the end"
         lines.append(f"first call {report['first_call_s']:.2f} s, peak RSS {report['peak_rss_mb']:.0f} MB"
-                     f"{device_memory}, median of {report['runs']} run(s)")
+                     f"{device_memory}{threads}, median of {report['runs']} run(s)")
         lines.append(f"{'audio':>7} {'rtf':>7} {'features':>9} {'encoder':>8} {'prefill':>8} {'decode':>8} "
                      f"{'tokens':>6} {'ms/tok':>7} {'tok/s':>7}")
         for r in report["clips"]:

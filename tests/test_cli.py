@@ -170,8 +170,11 @@ def test_benchmark_speed_mode():
     report = json.loads(out(quantized))
     assert report["quantize"] == "w8a8" and report["quantize_audio"] is True
     assert report["peak_device_mb"] is None  # the CPU
-    gpu = format_report({**report, "device": "cuda", "peak_device_mb": 1234.5})
+    assert 1 <= report["cpu_threads"] <= (os.cpu_count() or 1)
+    assert f"{report['cpu_threads']} CPU thread(s)" in format_report(report)
+    gpu = format_report({**report, "device": "cuda", "peak_device_mb": 1234.5, "cpu_threads": None})
     assert "peak device memory 1234 MB" in gpu and "device memory" not in format_report(report)
+    assert "CPU thread" not in gpu
 
 
 def test_info():

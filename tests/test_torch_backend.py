@@ -334,10 +334,10 @@ class _FixedCores:
     """A :class:`FreeCores` stand-in that always finds ``count`` free cores."""
 
     def __init__(self, count: int) -> None:
-        self.count = count
+        self.current = count
 
     def threads(self) -> int:
-        return self.count
+        return self.current
 
 
 def test_shared_cores_only_where_nobody_chose_threads(monkeypatch) -> None:
@@ -372,10 +372,14 @@ def test_transcription_runs_on_the_free_cores(monkeypatch) -> None:
         assert {name for name, _ in seen} == {"encoder", "decoder"}
         assert all(threads == 1 for _, threads in seen)
         assert torch.get_num_threads() == 2  # restored between the calls
+        assert backend.cpu_threads() == 1
         backend.decoder.cores = _FixedCores(4)  # more than PyTorch has: PyTorch's count
         seen.clear()
         list(backend.generate(_prompt(case), embeds, 2, STOP_IDS))
         assert seen and all(threads == 2 for _, threads in seen)
+        assert backend.cpu_threads() == 2
+        backend.decoder.cores = None
+        assert backend.cpu_threads() == 2
     finally:
         torch.set_num_threads(before)
 

@@ -102,6 +102,10 @@ class Backend(ABC):
         """Peak memory allocated on the accelerator so far, in MB; ``None`` where the device is the CPU."""
         return None
 
+    def cpu_threads(self) -> int | None:
+        """CPU threads the latest forward passes ran on; ``None`` where the backend does not choose them."""
+        return None
+
     # ------------------------------------------------------------------ streaming (cached mode)
     def encode_stem(self, mel: Any) -> Any:
         """Conv-stem rows ``[tokens, d_model]`` (per-chunk positions added) of mel frames that start a chunk.

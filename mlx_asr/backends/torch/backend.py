@@ -177,6 +177,12 @@ class TorchBackend(Backend):
             return None
         return torch.cuda.max_memory_allocated(self.torch_device) / 1e6
 
+    def cpu_threads(self) -> int | None:
+        if self.torch_device.type != "cpu":
+            return None
+        cap = self.decoder.cores.current if self.decoder.cores else None
+        return min(filter(None, (cap, torch.get_num_threads())))
+
     # ------------------------------------------------------------------ streaming (cached mode)
     @torch.inference_mode()
     def encode_stem(self, mel: Any) -> torch.Tensor:

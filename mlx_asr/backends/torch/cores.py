@@ -6,11 +6,14 @@ those threads waits for a core at every kernel, and the kernel waits for it. Lon
 Measured on 2 Zen 4 cores (0.6B, w8a8 + quantized audio tower, 10 s clip, 40 tokens), beside one busy-looping
 process: 10000 spins on 2 threads took RTF 0.70-0.75 (encoder 0.83-0.96 s, prefill 1.33-1.42 s, 126-133
 ms/token); on 1 thread RTF 0.28-0.32 (0.43-0.45 s, 0.59-0.62 s, 46-57 ms/token). On idle cores 2 threads
-give RTF 0.195-0.197 (37 ms/token).
+give RTF 0.195-0.197 (37 ms/token). With this cap: RTF 0.191-0.205 on idle cores, 0.290-0.309 beside the busy
+process (see benchmarks/README.md, "2026-12-04, evening").
 
 So the torch backend on a CPU caps its threads at the cores that the other processes left free over the last
-:data:`WINDOW` seconds (Linux: ``/proc/stat`` for the CPUs this process may run on, minus this process's own
-CPU time). Beside one busy process on 2 cores that is 1 thread; when it stops, 2 again.
+:data:`WINDOW` seconds or more. Linux only. The others' demand is the busy time in ``/proc/stat`` of the CPUs
+this process may run on, minus this process's own CPU time, plus the time this process's threads waited for a
+CPU (``/proc/self/task/*/schedstat``): what the others took from us. Beside one busy process on 2 cores
+that is 1 thread; when it stops, 2 again.
 """
 
 from __future__ import annotations

@@ -93,13 +93,14 @@ class TorchBackend(Backend):
         thinker = self.model.thinker
         self.audio_tower = thinker.audio_tower
         prefill_tokens = 0 if quantize in PER_ROW_MODES else BATCH_PREFILL_TOKENS
-        # w8a8 one-row steps: the layers on one thread (fbgemm's one-row product is memory-bound and one
+        # w8a8 one-row steps where the pool's workers sleep soon (a short spin count set by the user; the default
+        # spins long): the layers on one thread (fbgemm's one-row product is memory-bound and one
         # core nearly saturates it; see Decoder). Measured on 2 cores (Zen 4, 0.6B, decode-only loop, six
         # alternating pairs of processes): 44-55 against 53-64 ms/token. Not for bf16 or weight-only int8,
         # whose one-row kernels gain from the second thread (bf16 86-90 against 93-100 ms/token on one thread,
         # int8 70-72 against 88), nor for batches (8 rows: 92-101 against 108 ms/step), nor where the pool's
-        # workers spin long (MLX_ASR_OMP_SPIN=10000: 37.5-48.0 ms/token on both threads against 45.1-57.8 on one,
-        # three alternating pairs of processes): the rule pays for waking sleeping workers.
+        # workers spin long (10000 spins: 37.5-48.0 ms/token on both threads against 45.1-57.8 on one, three
+        # alternating pairs of processes): the rule pays for waking sleeping workers.
         row_threads = 1 if quantize == W8A8 and not workers_spin() else None
         cores = shared_cores(self.torch_device, threads)
         self.decoder = Decoder(thinker.model, thinker.output_head(), prefill_tokens, row_threads, cores)

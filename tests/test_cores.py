@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_asr.backends.torch.cores import WINDOW, FreeCores, run_delay
+from mlx_asr.backends.torch.cores import WINDOW, FreeCores, cpu_quota, run_delay
 
 TICK = 100  # /proc/stat ticks per second (USER_HZ)
 STEP = WINDOW + 0.05  # a window and a bit (exact sums of floats are not)
@@ -140,3 +140,42 @@ def test_run_delay_sums_every_thread(tmp_path: Path) -> None:
     (tmp_path / "4").mkdir()  # a thread that ended between the listing and the read
     assert run_delay(str(tmp_path)) == pytest.approx(2.5)
     assert run_delay(str(tmp_path / "none")) == 0.0
+
+
+def _cgroup(folder: Path, files: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def test_cpu_quota_of_cgroup_v2_is_the_tightest_on_the_path(tmp_path: Path) -> None:
+    table = tmp_path / "cgroup"
+    table.write_text("0::/pods/job\n")
+    root = tmp_path / "fs"
+    _cgroup(root, {"cpu.max": "max 100000\n"})
+    _cgroup(root / "pods", {"cpu.max": "250000 100000\n"})
+    _cgroup(root / "pods" / "job", {"cpu.max": "max 100000\n"})
+    assert cpu_quota(str(table), str(root)) == pytest.approx(2.5)
+    _cgroup(root / "pods" / "job", {"cpu.max": "50000 100000\n"})
+    assert cpu_quota(str(table), str(root)) == pytest.approx(0.5)
+
+
+def test_cpu_quota_of_cgroup_v1_and_namespaced_paths(tmp_path: Path) -> None:
+    table = tmp_path / "cgroup"
+    table.write_text("4:memory:/x\n3:cpu,cpuacct:/docker/abc\n0::/\n")
+    root = tmp_path / "fs"
+    # inside a container the cgroup namespace shows its own group at the mount's root, not under /docker/abc
+    _cgroup(root / "cpu,cpuacct", {"cpu.cfs_quota_us": "150000\n", "cpu.cfs_period_us": "100000\n"})
+    assert cpu_quota(str(table), str(root)) == pytest.approx(1.5)
+    _cgroup(root / "cpu,cpuacct", {"cpu.cfs_quota_us": "-1\n"})
+    assert cpu_quota(str(table), str(root)) is None
+
+
+@pytest.mark.parametrize("text", ["", "garbage\n", "1:cpu:/\n"])
+def test_cpu_quota_unknown_or_unlimited(tmp_path: Path, text: str) -> None:
+    table = tmp_path / "cgroup"
+    table.write_text(text)
+    root = tmp_path / "fs"
+    _cgroup(root / "cpu", {"cpu.cfs_quota_us": "oops\n", "cpu.cfs_period_us": "100000\n"})
+    assert cpu_quota(str(table), str(root)) is None
+    assert cpu_quota(str(tmp_path / "missing"), str(root)) is None

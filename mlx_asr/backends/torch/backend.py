@@ -13,7 +13,7 @@ from ...checkpoint import Checkpoint
 from ...config import num_audio_tokens
 from ...errors import BackendError
 from ..base import DTYPES, Backend, Step
-from .cores import FreeCores
+from .cores import FreeCores, cpu_quota
 from .features import log_mel
 from .llm import BATCH_PREFILL_TOKENS, Decoder
 from .model import TORCH_DTYPES, load_model
@@ -38,7 +38,11 @@ def shared_cores(device: torch.device, threads: int | None) -> FreeCores | None:
     or set ``MLX_ASR_SHARE_CORES=0``, and where the system lets the busy cores be measured."""
     if device.type != "cpu" or threads is not None or os.environ.get("MLX_ASR_SHARE_CORES", "1") == "0":
         return None
-    cores = FreeCores(torch.get_num_threads())
+    most = torch.get_num_threads()
+    quota = cpu_quota()
+    if quota is not None:  # a container's CPU limit: more threads than it allows only wait for their turn
+        most = min(most, max(1, int(quota + 0.5)))
+    cores = FreeCores(most)
     return cores if cores.available else None
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 DROP_ABOVE = 0.45  # a thread leaves when others want more than this share of a core beyond the free ones
 RAISE_BELOW = 0.2  # and comes back when they want less than this share of the core it would take
@@ -127,6 +128,48 @@ class FreeCores:
                 values = fields.split()
                 ticks += sum(int(values[i]) for i in BUSY_FIELDS if i < len(values))
         return self.clock(), ticks / self.tick, self.own_cpu(), self.waited()
+
+
+def cpu_quota(cgroups: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPUs per period this process's cgroups let it use (CFS quota; the tightest on the path up to the root),
+    ``None`` when unlimited or unknown. cgroup v2 (``cpu.max``) and v1 (``cpu.cfs_quota_us``)."""
+    try:
+        with open(cgroups, encoding="utf-8") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "-", "")
+        if controllers == "":
+            mounts = [Path(root)]
+        elif "cpu" in controllers.split(","):
+            mounts = [Path(root, controllers), Path(root, "cpu")]
+        else:
+            continue
+        for mount in mounts:
+            folder = mount / path.lstrip("/")
+            while True:
+                limits.append(_quota_in(folder, v2=controllers == ""))
+                if folder == mount:
+                    break
+                folder = folder.parent
+    found = [limit for limit in limits if limit is not None]
+    return min(found) if found else None
+
+
+def _quota_in(folder: Path, v2: bool) -> float | None:
+    """The CPU quota one cgroup folder sets, in CPUs (``None``: unlimited, or no such folder)."""
+    try:
+        if v2:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+        else:
+            quota, period = ((folder / name).read_text().strip() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        if quota in ("max", "-1") or int(period) <= 0:
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
 
 
 def _allowed_cpus() -> set[int]:

@@ -14,6 +14,10 @@ So the torch backend on a CPU caps its threads at the cores that the other proce
 this process may run on, minus this process's own CPU time, plus the time this process's threads waited for a
 CPU (``/proc/self/task/*/schedstat``): what the others took from us. Beside one busy process on 2 cores
 that is 1 thread; when it stops, 2 again.
+
+A container's CPU limit (the cgroup's CFS quota, :func:`cpu_quota`) caps the count too: PyTorch counts the
+machine's cores, and threads beyond the quota only wait for their turn. Under a 1-CPU quota (cgroup v1, same
+machine and clip): RTF 0.357-0.398 on 2 threads, 0.271-0.297 capped at 1.
 """
 
 from __future__ import annotations

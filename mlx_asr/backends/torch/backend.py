@@ -34,8 +34,9 @@ def torch_device(device: str) -> torch.device:
 
 
 def shared_cores(device: torch.device, threads: int | None) -> FreeCores | None:
-    """What caps the threads at the free cores (see :mod:`.cores`): on a CPU, unless the user chose ``threads``
-    or set ``MLX_ASR_SHARE_CORES=0``, and where the system lets the busy cores be measured."""
+    """What caps the threads at the free cores and at the cgroup's CPU quota (see :mod:`.cores`): on a CPU, unless
+    the user chose ``threads`` or set ``MLX_ASR_SHARE_CORES=0``, and where the system lets the busy cores be
+    measured."""
     if device.type != "cpu" or threads is not None or os.environ.get("MLX_ASR_SHARE_CORES", "1") == "0":
         return None
     most = torch.get_num_threads()
@@ -63,10 +64,11 @@ class TorchBackend(Backend):
 
     Shared cores: when other busy processes share the cores, a kernel on all threads waits for the thread that
     has no core. On a CPU the backend caps its threads at the cores the others leave free, measured as it
-    goes (:mod:`.cores`; off with ``threads=N`` or ``MLX_ASR_SHARE_CORES=0``), and lets PyTorch's OpenMP
-    workers spin 10000 iterations before they sleep (:mod:`.openmp`; unless ``OMP_WAIT_POLICY`` or
-    ``GOMP_SPINCOUNT`` is set; ``MLX_ASR_OMP_SPIN`` changes it). 2 Zen 4 cores, 0.6B w8a8 + quantized audio,
-    10 s clip: RTF 0.19-0.21 on idle cores, 0.29-0.31 beside a busy process (0.70-0.75 without the cap).
+    goes, and at its cgroup's CPU quota (:mod:`.cores`; off with ``threads=N`` or ``MLX_ASR_SHARE_CORES=0``).
+    It lets PyTorch's OpenMP workers spin 10000 iterations before they sleep (:mod:`.openmp`; unless
+    ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set; ``MLX_ASR_OMP_SPIN`` changes it). 2 Zen 4 cores, 0.6B
+    w8a8 + quantized audio, 10 s clip: RTF 0.19-0.21 on idle cores, 0.29-0.31 beside a busy process (0.70-0.75
+    without the cap).
     """
 
     name = "torch"

@@ -21,8 +21,10 @@ SHORT = AUDIO / "short_2s.wav"
 OFFICIAL_SHORT = get_case("short_2s_wav").meta["parsed_text"]
 
 
-def cli(*args: str | Path, stdin: bytes | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+def cli(
+    *args: str | Path, stdin: bytes | None = None, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
         [str(SCRIPT), *map(str, args)], input=stdin, capture_output=True, env=env, cwd=cwd, timeout=300
     )
@@ -62,6 +64,42 @@ def test_json_output_has_metadata(tmp_path):
     assert data["backend"] == "torch" and data["device"] == "cpu" and data["dtype"] == "float32"
     assert 0 < data["confidence"] <= 1 and data["duration"] == pytest.approx(2.085, abs=1e-3)
     assert {"features", "encoder", "prefill", "decode"} <= set(data["timings"]) and data["rtf"] > 0
+
+
+def _hub_cache(tmp_path: Path, repo: str) -> dict[str, str]:
+    """A Hugging Face cache holding the tiny checkpoint as ``repo`` (laid out as a download leaves it), and the
+    environment that points the hub client at it."""
+    revision = "0" * 40
+    folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for file in TINY.iterdir():
+        (snapshot / file.name).symlink_to(file.resolve())
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(revision)
+    return {"HF_HUB_CACHE": str(tmp_path / "hub")}
+
+
+def test_repo_id_is_read_from_the_hub_cache_offline(tmp_path):
+    env = _hub_cache(tmp_path, "Qwen/Qwen3-ASR-tiny")
+    proc = cli("transcribe", "-m", "Qwen/Qwen3-ASR-tiny", "-a", SHORT, "--backend", "torch", "--max-new-tokens", "40",
+               "--dtype", "float32", env=env)
+    assert proc.returncode == 0, err(proc)
+    assert out(proc) == OFFICIAL_SHORT + "\n"
+
+
+def test_convert_a_repo_id_from_the_hub_cache(tmp_path):
+    env = _hub_cache(tmp_path, "Qwen/Qwen3-ASR-tiny")
+    target = tmp_path / "converted"
+    proc = cli("convert", "Qwen/Qwen3-ASR-tiny", "-o", target, "--quantize", "8", env=env)
+    assert proc.returncode == 0, err(proc)
+    config = json.loads((target / "config.json").read_text(encoding="utf-8"))
+    assert config["mlx_asr"]["source"] == "Qwen/Qwen3-ASR-tiny"
+    assert "Qwen/Qwen3-ASR-tiny" in (target / "README.md").read_text(encoding="utf-8")
+    assert str(tmp_path) not in (target / "README.md").read_text(encoding="utf-8")
+    proc = cli("transcribe", "-m", target, "-a", SHORT, "--max-new-tokens", "8")
+    assert proc.returncode == 0, err(proc)
+    assert out(proc).strip()
 
 
 QUANTIZE_OPTIONS = [["--quantize", "8"], ["--quantize", "W8A8"], ["--quantize", "w8a8", "--quantize-audio"]]

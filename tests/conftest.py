@@ -170,3 +170,36 @@ def variant_audio(meta: dict):
         samples, rate = sf.read(VARIANT / "audio" / "zh_en_13s.flac", dtype="float32")
         return np.tile(samples, LONG_VARIANT_REPEATS), rate
     return VARIANT / "audio" / VARIANT_AUDIO.get(name, name)
+
+
+# ---------------------------------------------------------------------------------------------- trained
+TRAINED = FIXTURES / "trained"  # made by fixtures/make_trained.py
+
+
+def build_trained_checkpoint(out: Path) -> Path:
+    """The tiny checkpoint fine-tuned to transcribe the reference cases (fixtures/trained/patch.safetensors)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(TINY / "model.safetensors"))
+    patch = load_file(str(TRAINED / "patch.safetensors"))
+    rows, values = patch.pop("trained.embed_rows"), patch.pop("trained.embed_values")
+    tensors.update(patch)
+    tensors["thinker.model.embed_tokens.weight"][rows] = values
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for item in TINY.iterdir():
+        if item.suffix in (".json", ".txt"):
+            shutil.copy(item, out / item.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory) -> Path:
+    return build_trained_checkpoint(tmp_path_factory.mktemp("trained") / "model")
+
+
+def trained_targets() -> dict[str, str]:
+    """Each reference case's answer the trained checkpoint was fine-tuned to give (raw, special tags kept)."""
+    return json.loads((TRAINED / "targets.json").read_text(encoding="utf-8"))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """MLX backend benchmarks: quantization accuracy, memory, and the decode step next to the MLX peers.
 
-    python benchmarks/bench_mlx.py accuracy [--json out.json]
+    python benchmarks/bench_mlx.py accuracy [--trained] [--json out.json]
     python benchmarks/bench_mlx.py memory --model benchmarks/models/1.7b-random --bits 4
     python benchmarks/bench_mlx.py decode --model F32_FOLDER --peer-python /tmp/venv-peer/bin/python
 
@@ -9,7 +9,9 @@
 default policy otherwise) and compares with the official float32 reference dumps: the first-step logits'
 cosine, the free-running greedy tokens (identical or first divergence, 40 tokens) and teacher-forced
 agreement (the model fed the reference tokens, argmax compared step by step), with the reference's
-top-1/top-2 logit margin at each disagreement.
+top-1/top-2 logit margin at each disagreement. ``accuracy --trained`` does the same on the fine-tuned tiny
+checkpoint (``tests/fixtures/trained``, whose choices win by wide margins, as a trained model's do), with
+our float32 MLX run of it as the reference.
 
 ``memory``: converts a (random, official-layout) checkpoint in a child process and reports that process's
 peak RSS, then loads the converted folder with ``AsrPipeline`` in a fresh child process and transcribes a
@@ -58,6 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "fixtures" / "tiny"
 AUDIO = ROOT / "tests" / "fixtures" / "audio"
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 VIEWS = {"Reshape", "Transpose", "Slice", "Broadcast", "Squeeze", "ExpandDims", "AsStrided", "Split", "Flatten",
          "Unflatten", "Depends"}
 FAST = {"RMSNorm", "LayerNorm", "RoPE", "ScaledDotProductAttention"}
@@ -435,12 +438,36 @@ def cmd_decode(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- accuracy
+def _float_reference(folder: Path, cases: list[str]) -> dict[str, tuple]:
+    """Our float32 MLX run of ``folder`` as the reference: per case (first logits, tokens, margins)."""
+    import mlx.core as mx
+    import numpy as np
+    from conftest import get_case
+
+    from mlx_asr.audio import load_audio
+    from mlx_asr.backends.mlx import MlxBackend
+    from mlx_asr.checkpoint import open_checkpoint
+
+    backend = MlxBackend(open_checkpoint(folder), "float32", "cpu")
+    out = {}
+    for tag in cases:
+        case = get_case(tag)
+        prompt = case.tensors["prompt_ids"].tolist()
+        embeds = backend.encode(backend.log_mel(load_audio(case.audio)))
+        tokens = [s.token for s in backend.generate(prompt, embeds, 40, STOP_IDS)]
+        hidden = backend.decoder.model(input_embeddings=backend.embed_prompt(prompt + tokens[:-1], embeds)[None])
+        top2 = np.sort(np.array(backend.decoder.logits(hidden[0, len(prompt) - 1:]).astype(mx.float32)), axis=-1)
+        out[tag] = backend.first_logits(prompt, embeds), tokens, (top2[:, -1] - top2[:, -2]).tolist()
+    return out
+
+
 def cmd_accuracy(args) -> None:
-    """Quantized tiny fixture vs the official float32 reference (see the module docstring)."""
+    """Quantized tiny fixture vs the official float32 reference, or (``--trained``) the fine-tuned tiny
+    checkpoint vs our own float32 run of it (see the module docstring)."""
     sys.path.insert(0, str(ROOT / "tests"))
     import mlx.core as mx
     import numpy as np
-    from conftest import CASES, get_case
+    from conftest import CASES, build_trained_checkpoint, get_case
 
     from mlx_asr.audio import load_audio
     from mlx_asr.backends.mlx import MlxBackend
@@ -460,30 +487,39 @@ def cmd_accuracy(args) -> None:
         variants = {k: v for k, v in variants.items() if k in args.only}
     report: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        source = build_trained_checkpoint(Path(tmp) / "trained") if args.trained else TINY
+        if args.trained:
+            references = _float_reference(source, CASES)
+        else:
+            references = {
+                tag: (get_case(tag).tensors["logits_step0"], get_case(tag).generated_ids,
+                      get_case(tag).meta["step_top1_top2_margin"])
+                for tag in CASES
+            }
         for name, policy in variants.items():
             folder = Path(tmp) / name.replace(" ", "_").replace(",", "")
-            convert(TINY, folder, dtype="float32", policy=policy, progress=False)
+            convert(source, folder, dtype="float32", policy=policy, progress=False)
             backend = MlxBackend(open_checkpoint(folder), "float32", "cpu")
             rows = []
             for tag in CASES:
                 case = get_case(tag)
-                prompt, reference = case.tensors["prompt_ids"].tolist(), case.generated_ids
+                expected, reference, margins = references[tag]
+                prompt = case.tensors["prompt_ids"].tolist()
                 embeds = backend.encode(backend.log_mel(load_audio(case.audio)))
                 logits = backend.first_logits(prompt, embeds)
-                expected = case.tensors["logits_step0"]
                 cosine = float(logits @ expected / (np.linalg.norm(logits) * np.linalg.norm(expected)))
-                tokens = [s.token for s in backend.generate(prompt, embeds, len(reference), [151645, 151643])]
+                tokens = [s.token for s in backend.generate(prompt, embeds, len(reference), STOP_IDS)]
                 diverge = next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=False)) if a != b), None)
                 full = backend.embed_prompt(prompt + reference[:-1], embeds)
                 hidden = backend.decoder.model(input_embeddings=full[None])[0, len(prompt) - 1:]
                 forced = np.array(mx.argmax(backend.decoder.logits(hidden), axis=-1)).tolist()
                 wrong = [i for i, (a, b) in enumerate(zip(forced, reference, strict=True)) if a != b]
-                margins = case.meta["step_top1_top2_margin"]
                 rows.append({
                     "clip": tag, "cosine": cosine, "identical": tokens == reference, "first_divergence": diverge,
                     "margin_at_divergence": margins[diverge] if diverge is not None else None,
                     "teacher_forced": f"{len(reference) - len(wrong)}/{len(reference)}",
                     "teacher_forced_wrong_margins": [round(margins[i], 3) for i in wrong],
+                    "smallest_reference_margin": round(min(margins), 3),
                 })
             report[name] = rows
     if args.json:
@@ -565,6 +601,7 @@ def main() -> None:
     acc = sub.add_parser("accuracy", help="8/4-bit accuracy on the tiny fixture")
     acc.add_argument("--json")
     acc.add_argument("--only", nargs="*")
+    acc.add_argument("--trained", action="store_true", help="the fine-tuned tiny checkpoint (tests/fixtures/trained)")
     mem = sub.add_parser("memory", help="conversion and pipeline peak memory")
     mem.add_argument("--model", required=True, help="official-layout folder (benchmarks/make_checkpoint.py)")
     mem.add_argument("--bits", type=int, default=4)

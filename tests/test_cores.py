@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_asr.backends.torch.cores import WINDOW, FreeCores, cpu_quota, run_delay
+from mlx_asr.backends.torch.cores import QUOTA_EVERY, WINDOW, FreeCores, cpu_quota, run_delay
 
 TICK = 100  # /proc/stat ticks per second (USER_HZ)
 STEP = WINDOW + 0.05  # a window and a bit (exact sums of floats are not)
@@ -26,6 +26,7 @@ class Machine:
         self.busy = [0.0, 0.0, 0.0]  # seconds per CPU
         self.own = 0.0
         self.waited = 0.0
+        self.limit: float | None = None  # the cgroup's CPU quota
         self.write()
 
     def write(self) -> None:
@@ -48,9 +49,10 @@ class Machine:
         self.busy[2] += seconds  # not ours to use: ignored
         self.write()
 
-    def cores(self, most: int = 2) -> FreeCores:
+    def cores(self, threads: int = 2) -> FreeCores:
         return FreeCores(
-            most, str(self.stat), lambda: self.now, lambda: self.own, lambda: self.waited, cpus={0, 1}, tick=TICK
+            threads, str(self.stat), lambda: self.now, lambda: self.own, lambda: self.waited, cpus={0, 1}, tick=TICK,
+            quota=lambda: self.limit,
         )
 
 
@@ -94,11 +96,25 @@ def test_hysteresis_between_drop_and_raise(machine: Machine) -> None:
 
 
 def test_never_below_one_or_above_most(machine: Machine) -> None:
-    cores = machine.cores(most=1)
+    cores = machine.cores(threads=1)
     machine.run(STEP, ours=0.2, others=1.8, waited=2.0)
     assert cores.threads() == 1
     machine.run(STEP, ours=0.5, others=0.0)
     assert cores.threads() == 1
+
+
+def test_a_quota_set_or_lifted_while_running_takes_effect(machine: Machine) -> None:
+    machine.limit = 1.4  # rounds to 1 CPU
+    cores = machine.cores()
+    assert cores.threads() == 1 and cores.most == 1
+    machine.limit = None
+    machine.run(STEP, ours=1.0, others=0.0)
+    assert cores.threads() == 1  # not re-read yet
+    machine.run(QUOTA_EVERY, ours=1.0, others=0.0)
+    assert cores.threads() == 2 and cores.most == 2
+    machine.limit = 0.5
+    machine.run(QUOTA_EVERY, ours=2.0, others=0.0)
+    assert cores.threads() == 1 and cores.most == 1
 
 
 def test_estimates_wait_for_a_full_window(machine: Machine) -> None:

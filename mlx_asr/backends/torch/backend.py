@@ -39,11 +39,7 @@ def shared_cores(device: torch.device, threads: int | None) -> FreeCores | None:
     measured."""
     if device.type != "cpu" or threads is not None or os.environ.get("MLX_ASR_SHARE_CORES", "1") == "0":
         return None
-    most = torch.get_num_threads()
-    quota = cpu_quota()
-    if quota is not None:  # a container's CPU limit: more threads than it allows only wait for their turn
-        most = min(most, max(1, int(quota + 0.5)))
-    cores = FreeCores(most)
+    cores = FreeCores(torch.get_num_threads(), quota=cpu_quota)
     return cores if cores.available else None
 
 

@@ -17,7 +17,9 @@ that is 1 thread; when it stops, 2 again.
 
 A container's CPU limit (the cgroup's CFS quota, :func:`cpu_quota`) caps the count too: PyTorch counts the
 machine's cores, and threads beyond the quota only wait for their turn. Under a 1-CPU quota (cgroup v1, same
-machine and clip): RTF 0.357-0.398 on 2 threads, 0.271-0.297 capped at 1.
+machine and clip): RTF 0.357-0.398 on 2 threads, 0.271-0.297 capped at 1. The quota is re-read every
+:data:`QUOTA_EVERY` seconds, so a limit changed while the process runs (``docker update --cpus``, an
+in-place pod resize) takes effect.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 DROP_ABOVE = 0.45  # a thread leaves when others want more than this share of a core beyond the free ones
 RAISE_BELOW = 0.2  # and comes back when they want less than this share of the core it would take
 WINDOW = 0.2  # seconds of history behind each new estimate (/proc/stat counts in 10 ms ticks)
+QUOTA_EVERY = 5.0  # seconds between reads of the cgroup's CPU quota (a container's limit can change while we run)
 BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user, nice, system, irq, softirq, steal (guest time is within user)
 
 
@@ -53,30 +56,36 @@ class FreeCores:
     """A thread count for PyTorch that leaves the cores other processes use to them (Linux only).
 
     Args:
-        most: the most threads to return (PyTorch's count).
+        threads: PyTorch's thread count; the most threads to return is that, capped at ``quota()`` rounded
+            to the nearest whole CPU (at least 1), re-read every :data:`QUOTA_EVERY` seconds.
         stat: the kernel's CPU time table.
         clock, own_cpu, waited: wall-clock seconds, this process's CPU seconds and the seconds its threads waited
             for a CPU (all threads); for tests.
         cpus, tick: the CPUs to count (default: those this process may run on) and ``/proc/stat``'s ticks per
             second (default: the system's); for tests.
+        quota: the cgroup's CPU quota in CPUs, ``None`` for none (default: :func:`cpu_quota`); for tests.
     """
 
     def __init__(
         self,
-        most: int,
+        threads: int,
         stat: str = "/proc/stat",
         clock: Callable[[], float] = time.monotonic,
         own_cpu: Callable[[], float] = time.process_time,
         waited: Callable[[], float] = run_delay,
         cpus: set[int] | None = None,
         tick: int | None = None,
+        quota: Callable[[], float | None] | None = None,
     ) -> None:
-        self.most = most
+        self.torch_threads = threads
         self.stat = stat
         self.clock, self.own_cpu, self.waited = clock, own_cpu, waited
         self.cpus = _allowed_cpus() if cpus is None else cpus
         self.tick = tick or _clock_ticks()
-        self.current = most
+        self.quota = quota or cpu_quota
+        self.most = self._most()
+        self._quota_read = self.clock()
+        self.current = self.most
         self.others = 0.0  # cores other processes (and the hypervisor) used or we waited for, in the last window
         self._last = self._sample()
 
@@ -97,6 +106,9 @@ class FreeCores:
             self._measure()
             if self._last is None:
                 return None
+            if self.clock() - self._quota_read >= QUOTA_EVERY:
+                self.most, self._quota_read = self._most(), self.clock()
+                self.current = min(self.current, self.most)
             free = len(self.cpus) - self.others
             lower, upper = int(free + DROP_ABOVE), int(free + RAISE_BELOW)
             if self.current > lower:
@@ -104,6 +116,11 @@ class FreeCores:
             elif self.current < upper:
                 self.current = min(self.most, upper)
         return self.current
+
+    def _most(self) -> int:
+        """PyTorch's thread count, capped at the CPU quota: more threads than it allows only wait for their turn."""
+        limit = self.quota()
+        return self.torch_threads if limit is None else min(self.torch_threads, max(1, int(limit + 0.5)))
 
     def _measure(self) -> None:
         sample = self._sample()

@@ -24,7 +24,7 @@ MAX_NEW_TOKENS = 40
 
 
 def _transcripts(pipe: AsrPipeline) -> dict[str, list[int]]:
-    """Greedy tokens (the stop token excluded) of every reference case; checks the raw answer's shape."""
+    """Greedy tokens (the stop token excluded) of every reference case, each of which must end on its own."""
     tokens = {}
     for tag in CASES:
         case = get_case(tag)

@@ -487,10 +487,11 @@ def cmd_accuracy(args) -> None:
         variants = {k: v for k, v in variants.items() if k in args.only}
     report: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        source = build_trained_checkpoint(Path(tmp) / "trained") if args.trained else TINY
         if args.trained:
+            source = build_trained_checkpoint(Path(tmp) / "trained")
             references = _float_reference(source, CASES)
         else:
+            source = TINY
             references = {
                 tag: (get_case(tag).tensors["logits_step0"], get_case(tag).generated_ids,
                       get_case(tag).meta["step_top1_top2_margin"])

@@ -9,6 +9,7 @@ every quantized variant of both backends must reproduce the float32 tokens on ev
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -49,11 +50,22 @@ def test_trained_model_transcribes_its_cases(trained_model: Path, backend: str) 
     assert _float32(trained_model, "mlx") == _float32(trained_model, "torch")
 
 
+@pytest.fixture(scope="module")
+def converted(trained_model: Path, tmp_path_factory) -> Callable[[int], Path]:
+    """The trained checkpoint converted at ``bits`` (float32, group 32), once per bit width."""
+
+    @cache
+    def folder(bits: int) -> Path:
+        out = tmp_path_factory.mktemp("trained-converted") / f"q{bits}"
+        convert(trained_model, out, dtype="float32", policy=QuantPolicy(bits, group_size=32), progress=False)
+        return out
+
+    return folder
+
+
 @pytest.mark.parametrize("bits", [8, 4])
-def test_mlx_quantized_keeps_every_token(trained_model: Path, tmp_path: Path, bits: int) -> None:
-    folder = tmp_path / f"q{bits}"
-    convert(trained_model, folder, dtype="float32", policy=QuantPolicy(bits, group_size=32), progress=False)
-    pipe = AsrPipeline.from_pretrained(folder, backend="mlx")
+def test_mlx_quantized_keeps_every_token(trained_model: Path, converted, bits: int) -> None:
+    pipe = AsrPipeline.from_pretrained(converted(bits), backend="mlx")
     assert pipe.backend.name == "mlx"
     assert _transcripts(pipe) == _float32(trained_model, "mlx")
 
@@ -71,12 +83,10 @@ def _first_logits(pipe: AsrPipeline, tag: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("bits", "min_cosine"), [(8, 0.999), (4, 0.97)])
-def test_first_step_logits_stay_close(trained_model: Path, tmp_path: Path, bits: int, min_cosine: float,
+def test_first_step_logits_stay_close(trained_model: Path, converted, bits: int, min_cosine: float,
                                       record_property) -> None:
-    folder = tmp_path / f"q{bits}"
-    convert(trained_model, folder, dtype="float32", policy=QuantPolicy(bits, group_size=32), progress=False)
     float32 = AsrPipeline.from_pretrained(trained_model, backend="mlx", dtype="float32")
-    quantized = AsrPipeline.from_pretrained(folder, backend="mlx")
+    quantized = AsrPipeline.from_pretrained(converted(bits), backend="mlx")
     worst = 1.0
     for tag in CASES:
         a, b = _first_logits(float32, tag), _first_logits(quantized, tag)

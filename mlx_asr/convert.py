@@ -360,7 +360,7 @@ def _write_config(folder: Path, raw: dict[str, Any], dtype: str, block: dict[str
 
 def _copy_tokenizer(source: Path, folder: Path) -> list[str]:
     """Copy the tokenizer and other small files; generate ``tokenizer.json`` when the source has none."""
-    from .tokenizer import QwenTokenizer
+    from .tokenizer import build_fast_tokenizer
 
     copied = []
     for name in COPIED_FILES:
@@ -368,7 +368,7 @@ def _copy_tokenizer(source: Path, folder: Path) -> list[str]:
             shutil.copyfile(source / name, folder / name)
             copied.append(name)
     if "tokenizer.json" not in copied:
-        QwenTokenizer.from_dir(source).save(folder / "tokenizer.json")
+        build_fast_tokenizer(source).save(str(folder / "tokenizer.json"))
         copied.append("tokenizer.json (generated)")
     return copied
 

@@ -92,12 +92,14 @@ def test_float_conversion_is_exact_and_complete(work: Path) -> None:
 
 
 def test_generated_tokenizer_json_matches_the_slow_files(work: Path) -> None:
-    fast = QwenTokenizer.from_dir(_f32(work))
-    slow = QwenTokenizer.from_dir(TINY)
+    from tokenizers import Tokenizer
+
+    generated = Tokenizer.from_file(str(_f32(work) / "tokenizer.json"))
+    ours = QwenTokenizer.from_dir(TINY)
     text = "<|im_start|>system\nNames: Zoë, 東京, naïve café <asr_text> 12345<|im_end|>"
-    assert fast.encode(text) == slow.encode(text)
+    assert generated.encode(text, add_special_tokens=False).ids == ours.encode(text)
     ids = get_case("short_2s_wav").generated_ids
-    assert fast.decode(ids) == slow.decode(ids)
+    assert generated.decode(ids) == ours.decode(ids)
 
 
 def test_bfloat16_conversion_halves_the_weights(work: Path) -> None:

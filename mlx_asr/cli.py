@@ -25,6 +25,7 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aa
 EXIT_USAGE = 2
 EXIT_FAILED_ITEMS = 7
 EXIT_INTERRUPTED = 130
+OWNS_PROCESS = False  # set by main(): a command run from the shell freezes the garbage collector after loading
 
 ModelOpt = typer.Option(..., "--model", "-m", help="Model folder (official or converted) or Hugging Face repo id.")
 BackendOpt = typer.Option(None, "--backend", help="mlx or torch (default: mlx on Apple Silicon, else torch).")
@@ -81,7 +82,9 @@ def _load_pipeline(model: str, backend, device, dtype, quantize=None, threads=No
         options["quantize"] = int(quantize) if quantize.isdigit() else quantize.lower()
     if threads is not None:
         options["threads"] = threads
-    return AsrPipeline.from_pretrained(model, backend=backend, device=device, dtype=dtype, **options)
+    return AsrPipeline.from_pretrained(
+        model, backend=backend, device=device, dtype=dtype, freeze_gc=OWNS_PROCESS, **options
+    )
 
 
 def _read_audio_arg(path: str) -> Any:
@@ -757,7 +760,9 @@ def convert(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point; the command owns its process (``freeze_gc`` when loading a model)."""
+    global OWNS_PROCESS
+    OWNS_PROCESS = True
     app()
 
 

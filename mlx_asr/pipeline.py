@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,6 +97,25 @@ class Transcription:
         }
 
 
+@contextmanager
+def _collector_paused(freeze: bool) -> Iterator[None]:
+    """Pause the cyclic garbage collector while loading; with ``freeze``, :func:`gc.freeze` at the end.
+
+    Importing torch and building the model allocate ~10^5 long-lived objects, and every collection that
+    runs in between rescans all of them: 0.15-0.2 s of a cold start (measured on 2 Zen 4 cores).
+    Without ``freeze`` the first collection after loading still scans the newly loaded objects once.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if freeze:
+            gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 def _resolve_model_path(model: str | Path) -> Path:
     """A local folder as is; ``org/name`` that is not a folder is fetched from the Hugging Face hub."""
     path = Path(model).expanduser()
@@ -137,6 +158,7 @@ class AsrPipeline:
         backend: str | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        freeze_gc: bool = False,
         **options: Any,
     ) -> AsrPipeline:
         """Load a Qwen3-ASR folder (official or converted) or Hugging Face repo id.
@@ -145,8 +167,17 @@ class AsrPipeline:
         a folder quantized by ``mlx-asr convert``, which only MLX loads).
         ``device``: ``"cpu"``, ``"metal"``, ``"cuda"`` or ``None`` (the best available).
         ``dtype``: compute dtype ``float32``/``bfloat16``/``float16``; ``None`` keeps the checkpoint's.
+        ``freeze_gc``: move every object alive after loading to the garbage collector's permanent generation
+        (:func:`gc.freeze`), so that no later collection, nor the interpreter's exit, scans the ~10^5 objects
+        of torch and the model again (0.3 s less for a command-line run); cyclic garbage alive at that
+        moment is then never freed. The command line sets it; an application that loads once may too.
         Other keyword options go to the backend (``quantize`` for both; torch: ``threads``, ``quantize_audio``).
         """
+        with _collector_paused(freeze_gc):
+            return cls._load(model, backend, device, dtype, **options)
+
+    @classmethod
+    def _load(cls, model: str | Path, backend: str | None, device: str | None, dtype: str | None, **options: Any):
         start = time.perf_counter()
         requested = backend, device
         backend, device = resolve_backend(backend, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 import soundfile as sf
 from conftest import AUDIO, CASES, TINY, get_case
 
-from mlx_asr import AsrPipeline
+from mlx_asr import AsrPipeline, cli
+from mlx_asr import pipeline as pipeline_module
 from mlx_asr.audio import load_audio
 from mlx_asr.chunking import split_audio
 from mlx_asr.errors import AudioError, LanguageError, ModelError
@@ -51,6 +53,41 @@ def test_backends_give_identical_tokens():
         mlx_result, torch_result = (_run(p, tag) for p in pipes)
         assert mlx_result.tokens == torch_result.tokens, tag
         assert mlx_result.confidence == pytest.approx(torch_result.confidence, abs=1e-3), tag
+
+
+@pytest.mark.parametrize("freeze, enabled_before", [(False, True), (True, True), (False, False)])
+def test_loading_pauses_the_garbage_collector(monkeypatch, freeze, enabled_before):
+    seen, frozen = [], []
+    real_create = pipeline_module.create_backend
+
+    def create_backend(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "create_backend", create_backend)
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    (gc.enable if enabled_before else gc.disable)()
+    try:
+        AsrPipeline.from_pretrained(TINY, backend="torch", device="cpu", freeze_gc=freeze)
+        assert seen == [False] and gc.isenabled() == enabled_before and frozen == [True] * freeze
+    finally:
+        gc.enable()
+
+
+def test_the_command_freezes_the_collector_after_loading(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "OWNS_PROCESS", False)  # restored after the test
+    events = []
+
+    def load(cls, *args, **kwargs):
+        events.append(gc.isenabled())
+        raise ModelError("stop here")
+
+    monkeypatch.setattr(AsrPipeline, "_load", classmethod(load))
+    monkeypatch.setattr(gc, "freeze", lambda: events.append("frozen"))
+    monkeypatch.setattr("sys.argv", ["mlx-asr", "transcribe", "-m", str(TINY), "-a", str(AUDIO / "short_2s.wav")])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert events == [False, "frozen"] and "stop here" in capsys.readouterr().err
 
 
 def test_detailed_result_fields(pipe):

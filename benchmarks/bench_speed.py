@@ -10,7 +10,8 @@ Every measurement runs in a fresh process, so load time and peak RSS belong to o
   10 s fixture) forcing ``--tokens`` new tokens (min_new_tokens = max_new_tokens); median stage times
   (audio decode, log-mel, encoder, prefill = first token, decode ms/token), RTF, peak RSS.
 * cold    (ours, official): wall time from spawning the interpreter until the first transcript of a
-  ``--short-seconds`` clip (cut from ``--audio``) is back, forcing ``--cold-tokens`` new tokens.
+  ``--short-seconds`` clip (cut from ``--audio``) is back, forcing ``--cold-tokens`` new tokens; for ours
+  also the command line (``mlx-asr transcribe``): until the transcript is printed, and until it exits.
 * batch   (ours): clips/s of ``pipe.transcribe_batch`` over ``--batch-clips`` different 10 s clips cut from
   the 60 s fixture, at each of ``--batch-sizes``.
 
@@ -368,9 +369,53 @@ def worker_official_cold(spec: dict) -> dict:
     }
 
 
+def _cli_command(spec: dict) -> list[str]:
+    """``mlx-asr transcribe`` of the short clip with the config's options (the venv's console script)."""
+    script = Path(sys.executable).with_name("mlx-asr")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "mlx_asr.cli"]
+    n = str(spec["tokens"])
+    command += ["transcribe", "-m", spec["model"], "-a", spec["audio"], "--backend", "torch"]
+    command += ["--device", _device(spec), "--max-new-tokens", n, "--min-new-tokens", n]
+    if QUANT[spec["config"]] is not None:
+        command += ["--quantize", str(QUANT[spec["config"]])]
+    if spec["config"] in AUDIO_W8A8:
+        command.append("--quantize-audio")
+    if spec["config"] in DTYPE:
+        command += ["--dtype", DTYPE[spec["config"]]]
+    if spec.get("threads"):
+        command += ["--threads", str(spec["threads"])]
+    return command
+
+
+def worker_ours_cli_cold(spec: dict) -> dict:
+    """The command line as a user runs it: seconds until the transcript is printed, and until it exits."""
+    pressure = Pressure()
+    start = time.perf_counter()
+    proc = subprocess.Popen(_cli_command(spec), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    text = proc.stdout.readline()
+    printed = time.perf_counter() - start
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    exited = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"mlx-asr exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+    return {
+        "impl": "ours (CLI)",
+        "config": spec["config"],
+        "wall_s": printed,
+        "exit_s": exited,
+        "tokens": spec["tokens"],
+        "peak_rss_mb": usage.ru_maxrss * 1024 / 1e6,
+        "text": text.strip()[:40],
+        "loadavg": [loadavg()],
+        "pressure": pressure.value(),
+    }
+
+
 WORKERS = {
     "ours-speed": worker_ours_speed,
     "ours-cold": worker_ours_cold,
+    "ours-cli-cold": worker_ours_cli_cold,
     "ours-batch": worker_ours_batch,
     "official-speed": worker_official_speed,
     "official-cold": worker_official_cold,
@@ -508,17 +553,18 @@ def markdown(report: dict) -> str:
                 f"| {fmt(cold['wall_s'] if cold else None, 2)} | {f'{ratio:.2f}x' if ratio else '–'} "
                 f"| {fmt(r.get('pressure'), 2)} |"
             )
-        if len(report["cold_tokens"]) > 1 and model["cold"]:
+        if model["cold"]:
             lines.append("\nCold start (fresh interpreter → first transcript of the short clip), by forced tokens:\n")
             lines.append(
-                "| impl | weights | tokens | wall s | in-process load s | transcribe s | peak RSS MB | CPU pressure |"
+                "| impl | weights | tokens | wall s | in-process load s | transcribe s | process exit s "
+                "| peak RSS MB | CPU pressure |"
             )
-            lines.append("|---|---|---|---|---|---|---|---|")
+            lines.append("|---|---|---|---|---|---|---|---|---|")
             for c in model["cold"]:
                 lines.append(
                     f"| {c['impl']} | {c['config']} | {c['tokens']} | {fmt(c['wall_s'], 2)} "
-                    f"| {fmt(c['in_process_load_s'], 2)} | {fmt(c['transcribe_s'], 2)} "
-                    f"| {c['peak_rss_mb']:.0f} | {fmt(c.get('pressure'), 2)} |"
+                    f"| {fmt(c.get('in_process_load_s'), 2)} | {fmt(c.get('transcribe_s'), 2)} "
+                    f"| {fmt(c.get('exit_s'), 2)} | {c['peak_rss_mb']:.0f} | {fmt(c.get('pressure'), 2)} |"
                 )
         if model["batch"]:
             lines.append(
@@ -653,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
                         for config in configs:
                             spec = {**base, "config": config, "audio": short, "tokens": tokens}
                             run(sys.executable, "ours-cold", spec, our_env, "cold", f"ours {config} cold {tokens} tok")
+                            label = f"ours {config} CLI cold {tokens} tok"
+                            run(sys.executable, "ours-cli-cold", spec, our_env, "cold", label)
                         if official:
                             spec = {**base, "config": "bf16", "audio": short, "tokens": tokens}
                             run(official, "official-cold", spec, official_env, "cold", f"official cold {tokens} tok")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from mlx_asr.audio import load_audio  # noqa: E402
 from mlx_asr.backends.base import Step  # noqa: E402
 from mlx_asr.backends.torch import TorchBackend  # noqa: E402
 from mlx_asr.backends.torch import backend as torch_backend_module  # noqa: E402
+from mlx_asr.backends.torch import quant as quant_module  # noqa: E402
 from mlx_asr.backends.torch.backend import shared_cores  # noqa: E402
 from mlx_asr.backends.torch.compute import (  # noqa: E402
     float32_convolutions,
@@ -470,6 +472,30 @@ def test_w8a8_linear_is_per_token_and_thread_independent() -> None:
         torch.set_num_threads(threads)
     assert linear(x.to(torch.bfloat16)).dtype == torch.bfloat16
     assert torch.equal(linear(torch.zeros(1, 64)), torch.zeros(1, 64))
+
+
+def test_packing_queue_waits_for_any_matrix_not_the_oldest(monkeypatch) -> None:
+    """A slow first matrix (the output head) must not stall loading while the other threads pack layers."""
+    release = threading.Event()
+    seen: list[int] = []
+
+    def prepack(number: int) -> int:
+        seen.append(number)
+        if number == 0:
+            release.wait(timeout=30)
+        return number
+
+    monkeypatch.setattr(quant_module, "_prepack", prepack)
+    packer = quant_module._Packer(2)
+    submitted = threading.Thread(target=lambda: [packer.submit(n) for n in range(12)])  # type: ignore[arg-type]
+    submitted.start()
+    submitted.join(timeout=10)
+    unblocked = not submitted.is_alive()
+    release.set()
+    submitted.join()
+    packer.pool.shutdown(wait=True)
+    assert unblocked, "submit waited for the oldest matrix"
+    assert sorted(seen) == list(range(12))
 
 
 @pytest.mark.parametrize(

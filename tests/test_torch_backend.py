@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import platform
 import sys
 import threading
 from functools import cache
@@ -26,6 +27,7 @@ from mlx_asr.audio import load_audio  # noqa: E402
 from mlx_asr.backends.base import Step  # noqa: E402
 from mlx_asr.backends.torch import TorchBackend  # noqa: E402
 from mlx_asr.backends.torch import backend as torch_backend_module  # noqa: E402
+from mlx_asr.backends.torch import compute as compute_module  # noqa: E402
 from mlx_asr.backends.torch import quant as quant_module  # noqa: E402
 from mlx_asr.backends.torch.backend import shared_cores  # noqa: E402
 from mlx_asr.backends.torch.compute import (  # noqa: E402
@@ -300,7 +302,8 @@ def test_half_probe_is_per_dtype(monkeypatch) -> None:
         native_half_gemm.cache_clear()
 
 
-def test_one_row_products_switches_onednn_off_and_back() -> None:
+def test_one_row_products_switches_onednn_off_and_back(monkeypatch) -> None:
+    monkeypatch.setenv("MLX_ASR_ONE_ROW", "pytorch")
     assert torch.backends.mkldnn.enabled
     with one_row_products(torch.device("cpu")):
         assert not torch.backends.mkldnn.enabled
@@ -317,6 +320,32 @@ def test_one_row_products_switches_onednn_off_and_back() -> None:
     with pytest.raises(KeyError), one_row_products(torch.device("cpu")):
         raise KeyError
     assert torch.backends.mkldnn.enabled
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "onednn"),
+    [
+        ("", {"avx512f", "avx512_bf16"}, False),  # AMD Zen 4: PyTorch's own gemv is faster
+        ("", {"avx512_bf16", "amx_bf16", "amx_tile"}, True),  # Intel Xeon with AMX: oneDNN is
+        ("onednn", set(), True),
+        ("PyTorch", {"amx_bf16"}, False),
+        ("other", {"amx_bf16"}, True),  # not a choice: the probe decides
+    ],
+)
+def test_one_row_products_keep_onednn_where_it_is_faster(monkeypatch, env: str, flags: set[str], onednn: bool) -> None:
+    monkeypatch.setenv("MLX_ASR_ONE_ROW", env)
+    monkeypatch.setattr(compute_module, "_cpu_flags", lambda: frozenset(flags))
+    assert compute_module.onednn_one_row() is onednn
+    with one_row_products(torch.device("cpu")):
+        assert torch.backends.mkldnn.enabled is onednn
+    assert torch.backends.mkldnn.enabled
+
+
+def test_cpu_flags_are_read_where_linux_lists_them() -> None:
+    flags = compute_module._cpu_flags()
+    assert isinstance(flags, frozenset)
+    if sys.platform == "linux" and Path("/proc/cpuinfo").exists() and platform.machine() in ("x86_64", "AMD64"):
+        assert "sse2" in flags
 
 
 def test_limited_threads_caps_and_restores() -> None:

@@ -14,7 +14,10 @@ float16).
 Where oneDNN does have native half products, it is the slow choice for a *one-row* product (decoding one
 sequence): on that Zen 4 machine a [1, 1024] x [1024, 3072] bfloat16 product takes 0.45 ms through oneDNN and
 0.27 ms through PyTorch's own gemv, while from two rows on oneDNN wins (2 rows 0.48 against 0.60 ms, 8 rows 0.51
-against 1.75 ms). :func:`one_row_products` switches oneDNN off around such a step.
+against 1.75 ms). :func:`one_row_products` switches oneDNN off around such a step. On an Intel Xeon with AMX
+(Sapphire Rapids class) it is the other way round: oneDNN's one-row bfloat16 products read their weights ≈1.7x
+faster (2 cores: [1, 1024] x [1024, 3072] 0.36 against 0.61 ms, the 151936-row output head 16 against 25 ms), so
+there oneDNN stays on (:func:`onednn_one_row`).
 
 :func:`limited_threads` runs a stretch of small kernels on fewer threads, where waking the pool's sleeping workers
 costs more than they save (see :class:`~mlx_asr.backends.torch.llm.Decoder`).
@@ -57,14 +60,40 @@ def slow_half(weight: torch.Tensor) -> bool:
     return weight.dtype in (torch.bfloat16, torch.float16) and not native_half_gemm(weight.device.type, weight.dtype)
 
 
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def onednn_one_row() -> bool:
+    """Whether oneDNN is the fast path for one-row half-precision products on this CPU (see the module docstring).
+
+    Measured faster on an Intel Xeon with AMX and slower on AMD Zen 4, so AMX (``amx_bf16``) decides;
+    ``MLX_ASR_ONE_ROW=onednn|pytorch`` overrides.
+    """
+    forced = os.environ.get("MLX_ASR_ONE_ROW", "").lower()
+    if forced in ("onednn", "pytorch"):
+        return forced == "onednn"
+    return "amx_bf16" in _cpu_flags()
+
+
 @contextlib.contextmanager
 def one_row_products(device: torch.device) -> Iterator[None]:
-    """oneDNN off for the products inside (CPU only): for a step whose products all have one row.
+    """oneDNN off for the products inside (CPU only, unless :func:`onednn_one_row`): for a step whose products
+    all have one row.
 
     oneDNN is PyTorch's process-wide switch: a product in another thread meanwhile takes the slower path,
     nothing worse. A no-op where the user already turned oneDNN off, and off the CPU.
     """
-    with _switched_off(torch.backends.mkldnn, "enabled", device.type == "cpu"):
+    with _switched_off(torch.backends.mkldnn, "enabled", device.type == "cpu" and not onednn_one_row()):
         yield
 
 

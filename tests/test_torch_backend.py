@@ -28,6 +28,7 @@ from mlx_asr.backends.base import Step  # noqa: E402
 from mlx_asr.backends.torch import TorchBackend  # noqa: E402
 from mlx_asr.backends.torch import backend as torch_backend_module  # noqa: E402
 from mlx_asr.backends.torch import compute as compute_module  # noqa: E402
+from mlx_asr.backends.torch import llm as llm_module  # noqa: E402
 from mlx_asr.backends.torch import quant as quant_module  # noqa: E402
 from mlx_asr.backends.torch.backend import shared_cores  # noqa: E402
 from mlx_asr.backends.torch.compute import (  # noqa: E402
@@ -574,6 +575,70 @@ def test_w8a8_generate_batch_equals_one_by_one() -> None:
     for prompt, embed, row in zip(prompts, embeds, batch, strict=True):
         alone = list(backend.generate(prompt, embed, 12, STOP_IDS))
         assert [s.token for s in row] == [s.token for s in alone]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "quantize"),
+    [("float32", None), ("bfloat16", None), ("float32", "w8a8"), ("bfloat16", "w8a8"), ("bfloat16", 8)]
+    + [("bfloat16", 4)],
+)
+def test_recorded_step_equals_the_eager_steps(dtype: str, quantize: int | str | None) -> None:
+    """The traced one-row step (recorded after ``trace_after`` eager steps) gives the eager logits exactly."""
+    if quantize == "w8a8" and not dynamic_int8_available():
+        pytest.skip("w8a8 needs fbgemm (an x86 PyTorch build)")
+    case = get_case("short_2s_wav")
+    eager, traced = (TorchBackend(open_checkpoint(TINY), dtype, "cpu", quantize=quantize) for _ in range(2))
+    eager.decoder.trace_after = None
+    traced.decoder.trace_after, traced.decoder.row_threads = 5, None
+    embeds = eager.encode(case.tensors["mel"])
+    reference = list(eager.generate(_prompt(case), embeds, 24, []))
+    first = list(traced.generate(_prompt(case), embeds, 24, []))
+    recording = traced.decoder._traced
+    assert recording is not None and traced.decoder._eager_rows > 5
+    second = list(traced.generate(_prompt(case), embeds, 24, []))  # replayed from the first step on
+    assert traced.decoder._traced is recording  # recorded once, for every cache and length
+    assert first == reference and second == reference
+
+
+def test_recording_waits_for_its_step_count_and_skips_where_it_does_not_apply() -> None:
+    backend = TorchBackend(open_checkpoint(TINY), "float32", "cpu")
+    decoder = backend.decoder
+    decoder.trace_after, decoder.row_threads = 30, None
+    case = get_case("short_2s_wav")
+    embeds = backend.encode(case.tensors["mel"])
+    list(backend.generate(_prompt(case), embeds, 20, []))
+    assert decoder._traced is None  # 19 steps so far
+    list(backend.generate(_prompt(case), embeds, 20, []))
+    assert decoder._traced is not None
+    decoder._traced, decoder.row_threads = None, 1  # fewer threads for the layers than for the head: eager
+    list(backend.generate(_prompt(case), embeds, 4, []))
+    assert decoder._traced is None
+
+
+def test_failed_recording_warns_and_decodes_eagerly(monkeypatch) -> None:
+    case = get_case("short_2s_wav")
+    backend = TorchBackend(open_checkpoint(TINY), "float32", "cpu")
+    backend.decoder.trace_after, backend.decoder.row_threads = 0, None
+    embeds = backend.encode(case.tensors["mel"])
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("not traceable")
+
+    monkeypatch.setattr(torch.jit, "trace", fail)
+    with pytest.warns(RuntimeWarning, match="not traceable"):
+        steps = list(backend.generate(_prompt(case), embeds, 6, []))
+    assert backend.decoder.trace_after is None and backend.decoder._traced is None
+    backend.decoder.trace_after = None
+    assert steps == list(TorchBackend(open_checkpoint(TINY), "float32", "cpu").generate(_prompt(case), embeds, 6, []))
+
+
+@pytest.mark.parametrize(
+    ("value", "after"), [("", 64), ("off", None), ("NEVER", None), ("0", 0), ("200", 200), ("x", 64)]
+)
+def test_trace_after_reads_the_environment(monkeypatch, value: str, after: int | None) -> None:
+    monkeypatch.setenv("MLX_ASR_TRACE_AFTER", value)
+    assert llm_module._trace_after() == after
+    assert Decoder(_backend().decoder.model, _backend().decoder.head).trace_after == after
 
 
 @needs_fbgemm

@@ -9,10 +9,12 @@ the teacher-forced per-step agreement is the meaningful token metric).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import platform
 import sys
 import threading
+import weakref
 from functools import cache
 from pathlib import Path
 
@@ -613,6 +615,28 @@ def test_recording_waits_for_its_step_count_and_skips_where_it_does_not_apply() 
     decoder._traced, decoder.row_threads = None, 1  # fewer threads for the layers than for the head: eager
     list(backend.generate(_prompt(case), embeds, 4, []))
     assert decoder._traced is None
+
+
+def test_recording_does_not_keep_the_cache_it_was_recorded_on(monkeypatch) -> None:
+    """The recorded step must not hold its example inputs: they include the whole KV cache of the transcript
+    being decoded (≈1.8 GB for a 20-minute piece of 0.6B), which would then stay allocated for good."""
+    backend = TorchBackend(open_checkpoint(TINY), "float32", "cpu")
+    decoder = backend.decoder
+    decoder.trace_after, decoder.row_threads = 0, None
+    caches: list[weakref.ref] = []
+    new_cache = decoder.new_cache
+
+    def tracked(batch: int, capacity: int):
+        cache = new_cache(batch, capacity)
+        caches.append(weakref.ref(cache.keys))
+        return cache
+
+    monkeypatch.setattr(decoder, "new_cache", tracked)
+    case = get_case("short_2s_wav")
+    list(backend.generate(_prompt(case), backend.encode(case.tensors["mel"]), 6, []))
+    assert decoder._traced is not None and caches
+    gc.collect()
+    assert all(ref() is None for ref in caches)
 
 
 def test_failed_recording_warns_and_decodes_eagerly(monkeypatch) -> None:

@@ -619,7 +619,7 @@ def test_recording_waits_for_its_step_count_and_skips_where_it_does_not_apply() 
 
 def test_recording_does_not_keep_the_cache_it_was_recorded_on(monkeypatch) -> None:
     """The recorded step must not hold its example inputs: they include the whole KV cache of the transcript
-    being decoded (≈1.8 GB for a 20-minute piece of 0.6B), which would then stay allocated for good."""
+    being decoded (about 2 GB for a 20-minute piece of 0.6B), which would then stay allocated for good."""
     backend = TorchBackend(open_checkpoint(TINY), "float32", "cpu")
     decoder = backend.decoder
     decoder.trace_after, decoder.row_threads = 0, None

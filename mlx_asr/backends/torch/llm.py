@@ -640,7 +640,7 @@ class _TracedStep(nn.Module):
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is, not yet removed
                 # not storing the example inputs: they hold the KV cache being decoded, which would stay
-                # allocated for good (a 60 s clip's: 95 MB for 0.6B; a 20-minute piece's: ≈1.8 GB)
+                # allocated for good (a 60 s clip's: 95 MB for 0.6B; a 20-minute piece's: about 2 GB)
                 return torch.jit.trace(cls(model, head), inputs, check_trace=False, _store_inputs=False)
         except (AttributeError, RuntimeError, TypeError, ValueError) as exc:
             warnings.warn(f"decoding without a recorded step: tracing it failed ({exc})", RuntimeWarning, stacklevel=3)
